@@ -156,7 +156,9 @@ def read_adapter(path) -> tuple:
         raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from None
     unsupported = {"peft_type": (c.get("peft_type", "LORA"), "LORA"), "bias": (c.get("bias", "none"), "none"),
                    "use_dora": (c.get("use_dora", False), False), "modules_to_save": (c.get("modules_to_save"), None),
-                   "fan_in_fan_out": (c.get("fan_in_fan_out", False), False)}
+                   "fan_in_fan_out": (c.get("fan_in_fan_out", False), False),
+                   "rank_pattern": (c.get("rank_pattern") or {}, {}), "alpha_pattern": (c.get("alpha_pattern") or {}, {}),
+                   "layers_to_transform": (c.get("layers_to_transform"), None), "lora_bias": (c.get("lora_bias", False), False)}
     for key, (got, want) in unsupported.items():
         if got != want:
             raise AdapterError(f"{cfg_file}: {key}={got!r} is not supported here (only {want!r})")

@@ -2,22 +2,32 @@
 
 Tests that need the real model or the E2E data read LORA_MODEL_PATH and E2E_DATA (set by .ci/run
 to local copies) and are skipped with a reason elsewhere. Triton kernels run on the CPU through
-TRITON_INTERPRET=1, set here before triton is imported.
+TRITON_INTERPRET=1, set here before triton is imported (triton.jit reads it at import).
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
 
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import copy  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+import kernels  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
-from lora import LoRAConfig, AdapterError  # noqa: E402
+import serve  # noqa: E402
+from lora import AdapterError, LoRAConfig, read_adapter  # noqa: E402
+from paging import ADAPTER, KV, HostAdapter, PageAllocator, PoolConfig, PoolFullError, UnifiedPool, kv_pages  # noqa: E402
+from scheduler import Request, RequestRejected, Scheduler, SchedulerConfig, State  # noqa: E402
 
 REAL_MODEL = os.environ.get("LORA_MODEL_PATH")
 needs_real_model = pytest.mark.skipif(not REAL_MODEL, reason="LORA_MODEL_PATH not set (path of the SmolLM2 GGUF)")
@@ -307,3 +317,686 @@ def test_real_model_continues_sensibly(real):
     m, tok = real
     out = m.generate([tok.encode("The capital of France is")], 8, tok.eos_id)[0]
     assert "Paris" in tok.decode(out)
+
+
+# ------------------------------------------------------------------------------ kernels (kernels.py): Triton in its interpreter vs references vs dense math
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=1.5e-2, rtol=1.5e-2)}
+
+
+def make_lora(H, out_dim, ranks, dtype, seed=0, free_pages=37):
+    """Adapter slots with the given ranks (slot 0 = base model, rank 0): A [r, H] and B [O, r]
+    made first, then written row by row into shuffled pages of a pool whose other pages (KV or
+    free) hold random numbers, so that reading a wrong page gives a wrong answer."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * sum(ranks)
+    pool = torch.randn(n + free_pages, H, generator=g).to(dtype)
+    page_ids = torch.randperm(n + free_pages, generator=g)[:n].int()
+    # the A and B^T blocks of all slots lie in page_ids in a shuffled order
+    blocks = [(s, m) for s in range(len(ranks)) for m in "AB"]
+    a_start, b_start, off = [0] * len(ranks), [0] * len(ranks), 0
+    for i in torch.randperm(len(blocks), generator=g).tolist():
+        s, m = blocks[i]
+        (a_start if m == "A" else b_start)[s] = off
+        off += ranks[s]
+    A = [(torch.randn(r, H, generator=g) / H ** 0.5).to(dtype) for r in ranks]
+    B = [(torch.randn(out_dim, r, generator=g) / max(r, 1) ** 0.5).to(dtype) for r in ranks]
+    for s, r in enumerate(ranks):
+        pool[page_ids[a_start[s]:a_start[s] + r].long()] = A[s]
+        pool[page_ids[b_start[s]:b_start[s] + r].long(), :out_dim] = B[s].T
+    i32 = dict(dtype=torch.int32, device=DEV)
+    return SimpleNamespace(
+        pool=pool.to(DEV), page_ids=page_ids.to(DEV), a_start=torch.tensor(a_start, **i32),
+        b_start=torch.tensor(b_start, **i32), ranks=torch.tensor(ranks, **i32),
+        scales=(0.5 + torch.rand(len(ranks), generator=g)).to(DEV), A=A, B=B, out_dim=out_dim)
+
+
+def dense_lora(x, ad, adapter_ids):
+    """delta[t] = scale[a] x[t] A[a]^T B[a]^T in float64, zero for rank-0 slots."""
+    delta = torch.zeros(x.shape[0], ad.out_dim, dtype=torch.float64)
+    for t, s in enumerate(adapter_ids.tolist()):
+        if ad.ranks[s] > 0:
+            xt = x[t].double().cpu()
+            delta[t] = float(ad.scales[s]) * (xt @ ad.A[s].double().T) @ ad.B[s].double().T
+    return delta
+
+
+def segments_of(adapter_ids):
+    """Sort tokens by adapter: order, seg_starts [G+1], seg_adapter [G], with an empty segment."""
+    order = torch.argsort(adapter_ids.cpu(), stable=True)
+    seg_adapter, counts = torch.unique_consecutive(adapter_ids.cpu()[order], return_counts=True)
+    seg_adapter = torch.cat([seg_adapter[:1], seg_adapter])      # an empty segment first
+    counts = torch.cat([torch.zeros(1, dtype=counts.dtype), counts])
+    seg_starts = torch.cat([torch.zeros(1, dtype=counts.dtype), counts.cumsum(0)])
+    return order.to(DEV), seg_starts.int().to(DEV), seg_adapter.int().to(DEV)
+
+
+RANKS = [0, 1, 5, 128, 17, 16, 3]           # slot 0: base model; 1..128 mixed in one launch
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dim", [72, 24])  # q/o_proj (O = H) and k/v_proj (O = kv_dim < H)
+def test_shrink_expand_equal_dense_lora(dtype, out_dim):
+    H, N = 72, 23                              # not multiples of any block size
+    ad = make_lora(H, out_dim, RANKS, dtype, seed=out_dim)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, H, generator=g).to(dtype).to(DEV)
+    ids = torch.randint(0, len(RANKS), (N,), generator=g, dtype=torch.int32)
+    ids[:3] = torch.tensor([0, 3, 1], dtype=torch.int32)      # base tokens and rank 128 present
+    ids = ids.to(DEV)
+    args = (ad.pool, ad.page_ids, ad.a_start, ad.ranks, ids, 128)
+    z = kernels.lora_shrink(x, *args, use_triton=True)
+    torch.testing.assert_close(z, kernels.lora_shrink_ref(x, *args), atol=1e-5, rtol=1e-5)
+    eargs = (ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales, ids, out_dim)
+    delta = kernels.lora_expand(z, *eargs, use_triton=True)
+    assert delta.dtype == dtype and delta.shape == (N, out_dim)
+    torch.testing.assert_close(delta.double().cpu(), dense_lora(x, ad, ids), **TOL[dtype])
+    torch.testing.assert_close(delta, kernels.lora_expand_ref(z, *eargs), **TOL[dtype])
+    assert (delta[ids == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segments_agree_with_per_token(dtype):
+    H, N, O = 80, 30, 70                     # O > BLOCK_O, H > BLOCK_H
+    ad = make_lora(H, O, [0, 33, 2, 20], dtype, seed=2)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([1] * 22 + [0] * 3 + [2] * 3 + [3] * 2, dtype=torch.int32)  # 22 > BLOCK_T
+    ids = ids[torch.randperm(N, generator=g)].to(DEV)
+    x = torch.randn(N, H, generator=g).to(dtype).to(DEV)
+    order, seg_starts, seg_adapter = segments_of(ids)
+    xs = x[order]
+    z_tok = kernels.lora_shrink(x, ad.pool, ad.page_ids, ad.a_start, ad.ranks, ids, 40,
+                                use_triton=True)
+    sargs = (ad.pool, ad.page_ids, ad.a_start, ad.ranks, seg_starts, seg_adapter, 40)
+    z_seg = kernels.lora_shrink_segments(xs, *sargs, use_triton=True)
+    torch.testing.assert_close(z_seg, z_tok[order], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(z_seg, kernels.lora_shrink_segments_ref(xs, *sargs),
+                               atol=1e-4, rtol=1e-5)
+    d_tok = kernels.lora_expand(z_tok, ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales,
+                                ids, O, use_triton=True)
+    eargs = (ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales, seg_starts, seg_adapter, O)
+    d_seg = kernels.lora_expand_segments(z_seg, *eargs, use_triton=True)
+    torch.testing.assert_close(d_seg, d_tok[order], **TOL[dtype])
+    torch.testing.assert_close(d_seg, kernels.lora_expand_segments_ref(z_seg, *eargs), **TOL[dtype])
+    torch.testing.assert_close(d_seg.double().cpu(), dense_lora(xs, ad, ids[order]), **TOL[dtype])
+
+
+def test_every_output_element_is_written():
+    """Outputs handed in NaN-filled: rank-0 tokens, rows past the rank and masked tails must all
+    be overwritten (with zeros where nothing is computed)."""
+    H, N, O = 24, 9, 20
+    ad = make_lora(H, O, [0, 3, 18], torch.float32, seed=4)
+    ids = torch.tensor([0, 1, 2, 0, 2, 2, 1, 0, 0], dtype=torch.int32, device=DEV)
+    x = torch.randn(N, H, device=DEV)
+    nan = lambda *shape: torch.full(shape, float("nan"), device=DEV)   # noqa: E731
+    z = kernels.lora_shrink(x, ad.pool, ad.page_ids, ad.a_start, ad.ranks, ids, 20,
+                            out=nan(N, 20), use_triton=True)
+    d = kernels.lora_expand(z, ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales, ids, O,
+                            out=nan(N, O), use_triton=True)
+    order, seg_starts, seg_adapter = segments_of(ids)
+    zs = kernels.lora_shrink_segments(x[order], ad.pool, ad.page_ids, ad.a_start, ad.ranks,
+                                      seg_starts, seg_adapter, 20, out=nan(N, 20), use_triton=True)
+    ds = kernels.lora_expand_segments(zs, ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales,
+                                      seg_starts, seg_adapter, O, out=nan(N, O), use_triton=True)
+    for out in (z, d, zs, ds):
+        assert torch.isfinite(out).all()
+    assert (z[ids == 0] == 0).all() and (z[ids == 1, 3:] == 0).all() and (d[ids == 0] == 0).all()
+    kv = make_kv([4, 1], n_heads=4, n_kv_heads=2, head_dim=6, dtype=torch.float32)
+    a = kernels.paged_attention_decode(kv.q[[3, 4]], kv.pool, kv.block_table, kv.lens,
+                                       2, out=nan(2, 4, 6), use_triton=True)
+    p = kernels.paged_attention_prefill(kv.q, kv.pool, kv.block_table, kv.seq_ids, kv.positions,
+                                        2, out=nan(5, 4, 6), use_triton=True)
+    assert torch.isfinite(a).all() and torch.isfinite(p).all()
+
+
+def test_bad_arguments_raise_clear_errors():
+    ad = make_lora(16, 16, [0, 2, 3], torch.float32, seed=5)
+    x, ids = torch.randn(4, 16, device=DEV), torch.tensor([0, 1, 2, 1], device=DEV)
+    shrink = lambda **kw: kernels.lora_shrink(**{**dict(   # noqa: E731
+        x=x, pool_l=ad.pool, page_ids=ad.page_ids, a_start=ad.a_start, ranks=ad.ranks,
+        adapter_ids=ids, max_rank=4), **kw})
+    with pytest.raises(ValueError, match=r"adapter_ids\[2\] = 7"):
+        shrink(adapter_ids=torch.tensor([0, 1, 7, 1], device=DEV))
+    with pytest.raises(ValueError, match=r"page_ids\[1\] = 999"):
+        shrink(page_ids=torch.cat([ad.page_ids[:1], ad.page_ids.new_tensor([999]),
+                                   ad.page_ids[2:]]))
+    with pytest.raises(ValueError, match=r"a_start \+ ranks\[2\] = 11"):   # 10 pages, rank 3
+        shrink(a_start=torch.tensor([0, 0, 8], dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match=r"ranks\[2\] = 3"):
+        shrink(max_rank=2)
+    with pytest.raises(ValueError, match="pool_l .* does not fit x"):
+        shrink(pool_l=ad.pool.half())
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        shrink(x=x[None])
+    with pytest.raises(ValueError, match=r"seg_starts \(last\)"):
+        kernels.lora_shrink_segments(x, ad.pool, ad.page_ids, ad.a_start, ad.ranks,
+                                     torch.tensor([0, 2, 3], device=DEV),
+                                     torch.tensor([1, 2], device=DEV), 4)
+    with pytest.raises(ValueError, match="out_dim"):
+        kernels.lora_expand(torch.zeros(4, 4, device=DEV), ad.pool, ad.page_ids, ad.b_start,
+                            ad.ranks, ad.scales, ids, 17)
+    kv = make_kv([4, 1], n_heads=4, n_kv_heads=2, head_dim=6, dtype=torch.float32)
+    q2 = kv.q[[3, 4]]
+    with pytest.raises(ValueError, match=r"block_table\[0, 1, 0\] = 50"):
+        bad = kv.block_table.clone()
+        bad[0, 1, 0] = 50
+        kernels.paged_attention_decode(q2, kv.pool, bad, kv.lens, 2)
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 9"):
+        kernels.paged_attention_decode(q2, kv.pool, kv.block_table, kv.lens.new_tensor([4, 9]), 2)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        kernels.paged_attention_decode(q2, kv.pool, kv.block_table, kv.lens, 3)
+    with pytest.raises(ValueError, match=r"seq_ids\[0\] = 2"):
+        kernels.paged_attention_prefill(kv.q, kv.pool, kv.block_table, kv.seq_ids + 2,
+                                        kv.positions, 2)
+
+
+def make_kv(lens, n_heads, n_kv_heads, head_dim, dtype, seed=6, free_pages=11):
+    """Requests with K/V [n, nkv, D] made first, then stored through write_kv into shuffled pages
+    (block_table rows also hold pages past each request's length, pointing anywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    H, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    per_page = H // kv_dim
+    blocks = max(math.ceil(n / per_page) for n in lens)
+    P = 2 * blocks * len(lens) + free_pages
+    pool = torch.randn(P, H, generator=g).to(dtype).to(DEV)   # stale numbers everywhere
+    block_table = torch.randperm(P, generator=g)[:2 * blocks * len(lens)]
+    block_table = block_table.view(len(lens), blocks, 2).int().to(DEV)
+    seq_ids = torch.cat([torch.full((n,), r) for r, n in enumerate(lens)]).to(DEV)
+    positions = torch.cat([torch.arange(n) for n in lens]).to(DEV)
+    N = positions.shape[0]
+    k = torch.randn(N, kv_dim, generator=g).to(dtype).to(DEV)
+    v = torch.randn(N, kv_dim, generator=g).to(dtype).to(DEV)
+    kernels.write_kv(pool, k, v, block_table, seq_ids, positions)
+    q = torch.randn(N, n_heads, head_dim, generator=g).to(dtype).to(DEV)
+    return SimpleNamespace(pool=pool, block_table=block_table, seq_ids=seq_ids,
+                           positions=positions, k=k, v=v, q=q, per_page=per_page,
+                           lens=torch.tensor(lens, device=DEV), n_kv_heads=n_kv_heads)
+
+
+def dense_attention(kv, rows):
+    """Causal GQA attention with plain matmuls, from the K/V before paging, for token rows."""
+    out = []
+    D, nkv = kv.q.shape[2], kv.n_kv_heads
+    group = kv.q.shape[1] // nkv
+    for t in rows.tolist():
+        r, p = int(kv.seq_ids[t]), int(kv.positions[t])
+        keys = ((kv.seq_ids == r) & (kv.positions <= p)).nonzero()[:, 0]
+        K = kv.k[keys].double().view(-1, nkv, D).repeat_interleave(group, dim=1)  # [n, nh, D]
+        V = kv.v[keys].double().view(-1, nkv, D).repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", kv.q[t].double(), K) / math.sqrt(D)   # [nh, n]
+        out.append(torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), V))          # [nh, D]
+    return torch.stack(out)
+
+
+def test_write_kv_layout_by_hand():
+    kv = make_kv([5, 2], n_heads=6, n_kv_heads=2, head_dim=4, dtype=torch.float32)
+    kv_dim = 8   # g = 3 tokens per page: token at position p, slot p % 3, block p // 3
+    for t in range(7):
+        r, p = int(kv.seq_ids[t]), int(kv.positions[t])
+        k_page, v_page = kv.block_table[r, p // 3].tolist()
+        assert torch.equal(kv.pool[k_page, (p % 3) * kv_dim:(p % 3 + 1) * kv_dim], kv.k[t])
+        assert torch.equal(kv.pool[v_page, (p % 3) * kv_dim:(p % 3 + 1) * kv_dim], kv.v[t])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_attention_equals_dense_causal_gqa(dtype):
+    lens = [1, 7, 40]                              # 40 > BLOCK_N; none a multiple of g = 3
+    kv = make_kv(lens, n_heads=6, n_kv_heads=2, head_dim=12, dtype=dtype)   # D < BLOCK_D
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else TOL[dtype]
+    # prefill: a chunk (positions 31..39 of request 2) and two other tokens, in shuffled order
+    rows = torch.tensor([0, 5] + list(range(8 + 31, 8 + 40)))                 # token rows
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(7))].to(DEV)
+    pargs = (kv.pool, kv.block_table, kv.seq_ids[rows], kv.positions[rows], 2)
+    pre = kernels.paged_attention_prefill(kv.q[rows], *pargs, use_triton=True)
+    torch.testing.assert_close(pre.double().cpu(), dense_attention(kv, rows).cpu(), **tol)
+    torch.testing.assert_close(pre, kernels.paged_attention_prefill_ref(kv.q[rows], *pargs), **tol)
+    # decode: one query per request at a chosen position, attending to positions 0..pos
+    last = torch.tensor([0, 5, 47], device=DEV)                  # positions 0, 4, 39
+    seq_lens = kv.positions[last] + 1
+    dargs = (kv.pool, kv.block_table, seq_lens, 2)
+    dec = kernels.paged_attention_decode(kv.q[last], *dargs, use_triton=True)
+    torch.testing.assert_close(dec.double().cpu(), dense_attention(kv, last).cpu(), **tol)
+    torch.testing.assert_close(dec, kernels.paged_attention_decode_ref(kv.q[last], *dargs), **tol)
+    same = (rows == 47).nonzero()[0, 0]                           # token 47 in both batches
+    torch.testing.assert_close(dec[2], pre[same], atol=1e-6, rtol=1e-6)
+
+
+def test_full_prefill_then_decode_agree_without_gqa():
+    kv = make_kv([3, 4], n_heads=2, n_kv_heads=2, head_dim=16, dtype=torch.float32)  # g = 1
+    rows = torch.arange(7, device=DEV)
+    pre = kernels.paged_attention_prefill(kv.q, kv.pool, kv.block_table, kv.seq_ids,
+                                          kv.positions, 2, use_triton=True)
+    torch.testing.assert_close(pre.double().cpu(), dense_attention(kv, rows).cpu(),
+                               atol=1e-5, rtol=1e-5)
+    dec = kernels.paged_attention_decode(kv.q[[2, 6]], kv.pool, kv.block_table, kv.lens, 2,
+                                         use_triton=True)
+    torch.testing.assert_close(dec, pre[[2, 6]], atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ unified pool (paging.py) and scheduler (scheduler.py)
+
+L, H, G = 2, 12, 3            # layers, model dim, tokens per KV page (kv_dim = 4)
+KV_DIM = H // G
+
+
+def peft_tensors(rank, targets, n_layers=L, seed=0):
+    """Random adapter weights under PEFT keys: A [r, H], B [out, r]."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {"q_proj": H, "k_proj": KV_DIM, "v_proj": KV_DIM, "o_proj": H, "gate_proj": 2 * H}
+    tensors = {}
+    for i in range(n_layers):
+        for t in targets:
+            key = f"base_model.model.model.layers.{i}.self_attn.{t}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, H, generator=gen)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out[t], rank, generator=gen)
+    return tensors
+
+
+def make_adapter(name, rank, targets=("q_proj", "v_proj"), seed=0):
+    cfg = LoRAConfig(r=rank, alpha=2.0 * rank, targets=tuple(targets))
+    return HostAdapter.from_peft(name, cfg, peft_tensors(rank, targets, seed=seed), L)
+
+
+def make_pool(n_pages, adapters=()):
+    pool = UnifiedPool(PoolConfig(n_layers=L, n_pages=n_pages, dim=H, tokens_per_page=G))
+    for a in adapters:
+        pool.register(a)
+    return pool
+
+
+# ------------------------------------------------------------------------------ paging
+
+def test_allocator_invariants_under_random_operations():
+    rng, alloc, held = random.Random(0), PageAllocator(50), []   # held: (pages, owner) per allocation
+    for _ in range(2000):
+        if held and rng.random() < 0.45:
+            alloc.free(held.pop(rng.randrange(len(held)))[0])
+        else:
+            n, owner = rng.randint(1, 8), rng.choice([KV, ADAPTER])
+            if alloc.can_allocate(n):
+                pages = alloc.allocate(n, owner)
+                in_use = {p for ps, _ in held for p in ps}
+                assert len(set(pages)) == n and not set(pages) & in_use and all(0 <= p < 50 for p in pages)
+                held.append((pages, owner))
+            else:
+                with pytest.raises(PoolFullError):
+                    alloc.allocate(n, owner)
+        s = alloc.stats()
+        assert s.used + s.free == s.total == 50
+        assert s.kv + s.adapter == s.used == sum(len(p) for p, _ in held)
+        assert s.kv == sum(len(p) for p, o in held if o == KV)
+    with pytest.raises(ValueError):
+        alloc.free([next(p for p in range(50) if p not in alloc.owner)])   # a free page freed again
+
+
+def test_kv_blocks_grow_page_by_page_and_free_on_end():
+    pool = make_pool(20)
+    assert kv_pages(7, G) == 2 * 3
+    assert len(pool.allocate_kv(0, 1)) == 2          # first token: one (K, V) pair
+    assert pool.allocate_kv(0, 3) == []               # g = 3 tokens share that pair
+    assert len(pool.allocate_kv(0, 4)) == 2           # the 4th token opens a new block
+    pool.allocate_kv(1, 7)
+    assert pool.stats().kv == 4 + 6 and pool.stats().adapter == 0
+    table = pool.block_table([1, 0])                  # int32 [R, max_blocks, 2]
+    assert table.dtype == torch.int32 and table.shape == (2, 3, 2)
+    assert table[1, :2].tolist() == [list(b) for b in pool.blocks[0]]
+    pages = table[0].flatten().tolist() + table[1, :2].flatten().tolist()
+    assert len(set(pages)) == 10                      # every K and V page distinct
+    pool.free_seq(0)
+    assert pool.stats().kv == 6
+    pool.free_seq(1)
+    assert pool.stats().free == 20
+
+
+def check_pool_holds(pool, ad, tensors, slot_tables, slot):
+    """Pool pages named by the kernel tables hold the A rows and B columns of `tensors` (the adapter's
+    PEFT weights), in every layer."""
+    for t in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        tab = slot_tables[t]
+        r = int(tab.ranks[slot])
+        assert r == (ad.rank if t in ad.targets else 0)
+        for j in range(r):
+            pa, pb = int(tab.page_ids[tab.a_start[slot] + j]), int(tab.page_ids[tab.b_start[slot] + j])
+            for layer in range(L):
+                key = f"base_model.model.model.layers.{layer}.self_attn.{t}"
+                A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+                assert torch.equal(pool.tensor[layer, pa], A[j])
+                assert torch.equal(pool.tensor[layer, pb, :B.shape[0]], B[:, j])
+
+
+def test_adapter_load_puts_the_right_numbers_in_the_right_pages(tmp_path):
+    tensors = peft_tensors(3, ("q_proj", "k_proj", "v_proj", "o_proj"), seed=1)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    a = HostAdapter.from_dir("a", str(tmp_path), L)
+    b = make_adapter("b", 2, ("q_proj", "v_proj"), seed=2)
+    assert (a.scale, a.n_pages, b.n_pages) == (2.0, 2 * 4 * 3, 2 * 2 * 2)
+    pool = make_pool(60, [a, b])
+    pool.allocate_kv(7, 5)                            # KV pages first, so adapter pages interleave
+    pool.acquire("b")
+    pool.allocate_kv(7, 9)
+    pool.acquire("a")
+    assert pool.stats().adapter == 24 + 8 and pool.stats().kv == 6
+    tables = pool.kernel_tables(["a", "b"])
+    assert tables["q_proj"].ranks.tolist() == [0, 3, 2] and tables["k_proj"].ranks.tolist() == [0, 3, 0]
+    assert tables["q_proj"].scales.tolist() == [0.0, 2.0, 2.0]
+    check_pool_holds(pool, a, read_adapter(str(tmp_path))[1], tables, 1)
+    check_pool_holds(pool, b, peft_tensors(2, ("q_proj", "v_proj"), seed=2), tables, 2)
+
+
+def test_unservable_target_is_refused_with_adapter_and_module_named():
+    with pytest.raises(ValueError, match=r"'bad'.*'gate_proj'"):
+        make_adapter("bad", 2, ("q_proj", "gate_proj"))
+
+
+def test_eviction_only_of_unused_adapters_in_lru_order():
+    ads = [make_adapter(n, 2, seed=i) for i, n in enumerate("abc")]   # 8 pages each
+    pool = make_pool(24, ads)
+    for n in "abc":
+        pool.acquire(n)
+    pool.release("b")
+    pool.release("a")                                 # a released last: b is least recently used
+    pool.allocate_kv(0, 12)                           # 8 pages: only b is evicted
+    assert list(pool.resident) == ["c", "a"]
+    pool.allocate_kv(1, 12)                           # 8 more: a goes too
+    assert list(pool.resident) == ["c"]
+    with pytest.raises(PoolFullError):
+        pool.allocate_kv(2, 3)                        # c is in use: never evicted
+    assert list(pool.resident) == ["c"] and pool.stats().free == 0
+
+
+def test_refcounts():
+    pool = make_pool(8, [make_adapter("a", 2), make_adapter("b", 2, seed=1)])
+    pool.acquire("a")
+    pool.acquire("a")
+    pool.release("a")
+    with pytest.raises(PoolFullError):
+        pool.acquire("b")                             # a still used once
+    pool.release("a")
+    pool.acquire("b")                                 # now a is evicted for b
+    assert list(pool.resident) == ["b"]
+    pool.release("b")
+    with pytest.raises(ValueError):
+        pool.release("b")
+
+
+def test_adapter_for_another_model_shape_is_refused():
+    wrong = HostAdapter("x", 1, 1.0, {"q_proj": torch.zeros(L + 1, 2, H)}, {"q_proj": H})   # [L+1, 2r, H]
+    with pytest.raises(ValueError, match="'x'.*L=3"):
+        make_pool(8).register(wrong)
+    with pytest.raises(ValueError, match="out=12; the model has .* out=4"):    # B of v_proj is [kv_dim, r]
+        make_pool(8).register(HostAdapter("y", 1, 1.0, {"v_proj": torch.zeros(L, 2, H)}, {"v_proj": H}))
+    deeper = peft_tensors(1, ("q_proj",), n_layers=L + 1)
+    with pytest.raises(ValueError, match="another model"):
+        HostAdapter.from_peft("z", LoRAConfig(r=1, targets=("q_proj",)), deeper, L)
+
+
+def test_prefetch_loads_without_evicting_used_or_wanted_adapters():
+    ads = [make_adapter(n, 2, seed=i) for i, n in enumerate("abcd")]
+    pool = make_pool(24, ads)
+    pool.acquire("a")
+    assert pool.prefetch(["b", "c", "d"]) == ["b", "c"]   # d finds no room: a is used, b, c wanted
+    assert list(pool.resident) == ["a", "b", "c"] and pool.resident["b"].refs == 0
+    tables = pool.kernel_tables(["b", "c"])
+    check_pool_holds(pool, ads[1], peft_tensors(2, ("q_proj", "v_proj"), seed=1), tables, 1)
+    check_pool_holds(pool, ads[2], peft_tensors(2, ("q_proj", "v_proj"), seed=2), tables, 2)
+    assert pool.prefetch(["d"]) == ["d"]              # b (least recently used, unused) makes room
+    assert list(pool.resident) == ["a", "c", "d"]
+
+
+# ------------------------------------------------------------------------------ scheduler
+
+def sched(pages=100, policy="fcfs", **kw):
+    return Scheduler(SchedulerConfig(policy=policy, **kw), pages, G, {"x": 8, "y": 8, "z": 8})
+
+
+def test_requests_join_within_one_step_and_share_it_with_decodes():
+    s = sched()
+    s.submit(Request(0, 5, 3, "x"))
+    step = s.schedule(0.0)
+    assert [r.id for r in step.prefill] == [0] and step.decode == []
+    assert step.prefill[0].step_tokens() == 5 and step.prefill[0].cache_len() == 5
+    s.advance(step, 0.1)
+    s.submit(Request(1, 4, 3, "y"))
+    s.submit(Request(2, 4, 3, None))
+    step = s.schedule(0.1)
+    assert [r.id for r in step.prefill] == [1, 2] and [r.id for r in step.decode] == [0]
+    assert step.decode[0].step_tokens() == 1 and step.decode[0].cache_len() == 6
+
+
+def test_request_failed_by_the_engine_leaves_the_batch():
+    s = sched()
+    a, b = Request(0, 2, 3, "x"), Request(1, 2, 3, "y")
+    s.submit(a)
+    s.submit(b)
+    step = s.schedule(0.0)
+    s.fail(b, 0.05)                                   # e.g. its adapter could not be loaded
+    assert s.advance(step, 0.1) == [] and s.running == [a] and b.state == State.FAILED and b.n_generated == 0
+    assert s.reserved_pages() == 2 * 2 + 8            # 2 ceil(5/3) KV pages + adapter x only
+
+
+def test_prompt_that_can_never_fit_is_rejected_at_submission():
+    s = sched(pages=20, max_prefill_tokens=30)
+    too_big = Request(0, 25, 10, "x")                 # 2 ceil(35/3) + 8 = 32 > 20 pages
+    with pytest.raises(RequestRejected, match="whole pool"):
+        s.submit(too_big)
+    assert too_big.state == State.FAILED and s.idle()
+    with pytest.raises(RequestRejected, match="unknown adapter"):
+        s.submit(Request(1, 2, 2, "nope"))
+    with pytest.raises(RequestRejected, match="max_prefill_tokens"):
+        Scheduler(SchedulerConfig(max_prefill_tokens=4), 100, G, {}).submit(Request(2, 5, 1))
+
+
+def test_full_pool_makes_requests_wait_and_none_is_lost():
+    s = sched(pages=30)                                 # each request: 2 ceil(9/3) = 6 KV pages + adapter
+    reqs = [Request(i, 5, 4, "xyz"[i % 3], arrival=0.0) for i in range(8)]
+    for r in reqs:
+        s.submit(r)
+    step, now, running_sizes = s.schedule(0.0), 0.0, []
+    assert [r.id for r in step.prefill] == [0, 1]     # 6+8 + 6+8 = 28 <= 30; a third needs 14 more
+    while not s.idle():
+        assert s.reserved_pages() <= 30
+        running_sizes.append(len(s.running))
+        now += 1.0
+        s.advance(step, now)
+        step = s.schedule(now)
+    assert all(r.state == State.FINISHED and r.n_generated == 4 for r in reqs)
+    assert max(running_sizes) == 2
+
+
+def test_prefill_budget_caps_prompt_tokens_per_step():
+    s = sched(max_prefill_tokens=10)
+    for i in range(4):
+        s.submit(Request(i, 4, 2, None))
+    assert [r.id for r in s.schedule(0.0).prefill] == [0, 1]   # 4 + 4 <= 10 < 12
+
+
+def test_clustering_prefers_resident_adapters_but_starving_request_goes_first():
+    s = sched(pages=20, policy="cluster", max_wait=5.0)      # room for one request (6 KV + 8 adapter)
+    s.submit(Request(0, 3, 3, "x", arrival=0.0))
+    s.submit(Request(1, 3, 3, "y", arrival=1.0))
+    assert [r.id for r in s.schedule(2.0, resident=frozenset({"y"})).prefill] == [1]   # y resident
+    s2 = sched(pages=20, policy="cluster", max_wait=5.0)
+    s2.submit(Request(0, 3, 3, "x", arrival=0.0))
+    s2.submit(Request(1, 3, 3, "y", arrival=1.0))
+    assert [r.id for r in s2.schedule(6.0, resident=frozenset({"y"})).prefill] == [0]  # 0 waited > 5 s
+    s3 = sched(pages=20, policy="fcfs")
+    s3.submit(Request(0, 3, 3, "x", arrival=0.0))
+    s3.submit(Request(1, 3, 3, "y", arrival=1.0))
+    assert [r.id for r in s3.schedule(2.0, resident=frozenset({"y"})).prefill] == [0]
+
+
+def test_early_abort_drops_request_past_its_first_token_deadline():
+    s = sched(pages=20, ttft_slo=1.0)                 # one request at a time
+    reqs = [Request(0, 3, 5, "x", arrival=0.0), Request(1, 3, 5, "y", arrival=0.0), Request(2, 3, 5, "z", arrival=0.9)]
+    for r in reqs:
+        s.submit(r)
+    step = s.schedule(0.0)
+    s.advance(step, 0.5)
+    step = s.schedule(1.5)                            # request 1 waited 1.5 s > 1 s: dropped
+    assert [r.id for r in step.aborted] == [1] and step.prefill == []
+    assert [r.state for r in reqs] == [State.RUNNING, State.ABORTED, State.WAITING]
+    assert s.waiting == [reqs[2]] and s.running == [reqs[0]]
+
+
+def test_1000_random_requests_run_to_completion_with_every_page_free():
+    rng, P = random.Random(1), 120
+    ads = [make_adapter(f"a{i}", rng.choice([1, 2, 4]), seed=i) for i in range(6)]
+    pool = make_pool(P, ads)
+    cfg = SchedulerConfig(policy="cluster", max_prefill_tokens=64, max_wait=3.0, ttft_slo=8.0)
+    s = Scheduler(cfg, P, G, {a.name: a.n_pages for a in ads})
+    now, pending, trace = 0.0, [], []
+    for i in range(1000):
+        now += rng.expovariate(8.0)
+        adapter = rng.choice([None] + [a.name for a in ads])
+        pending.append(Request(i, rng.randint(1, 40), rng.randint(1, 20), adapter, arrival=now))
+    trace, now = list(pending), 0.0
+    while pending or not s.idle():
+        while pending and pending[0].arrival <= now:
+            s.submit(pending.pop(0))
+        step = s.schedule(now, frozenset(pool.resident))
+        for r in step.prefill:
+            if r.adapter is not None:
+                pool.acquire(r.adapter)               # raises PoolFullError if admission over-commits
+        for r in step.requests:
+            pool.allocate_kv(r.id, r.cache_len())
+        pool.prefetch([r.adapter for r in s.waiting[:4] if r.adapter is not None])
+        st = pool.stats()
+        assert st.used + st.free == P and st.kv + st.adapter == st.used and s.reserved_pages() <= P
+        now = now + 0.1 if step.requests or not pending else max(now, pending[0].arrival)
+        for r in s.advance(step, now, frozenset(r.id for r in step.requests if rng.random() < 0.05)):
+            pool.free_seq(r.id)
+            if r.adapter is not None:
+                pool.release(r.adapter)
+    assert all(r.state in (State.FINISHED, State.ABORTED) for r in trace)
+    assert sum(r.state == State.FINISHED for r in trace) > 500
+    assert pool.stats().kv == 0 and all(res.refs == 0 for res in pool.resident.values())
+    for name in list(pool.resident):
+        pool.evict(name)
+    assert pool.stats().free == P
+
+
+# ------------------------------------------------------------------------------ serving (serve.py)
+
+ADAPTER_SPECS = {"a": (2, ("q_proj", "v_proj")), "b": (5, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                 "c": (1, ("o_proj",)), "d": (8, ("k_proj",))}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny base model and four PEFT adapters of different ranks and targets on disk."""
+    base, root = tiny_llama(), tmp_path_factory.mktemp("adapters")
+    for i, (name, (r, targets)) in enumerate(ADAPTER_SPECS.items()):
+        m, cfg = copy.deepcopy(base), LoRAConfig(r=r, alpha=2 * r, targets=targets)
+        lora.add_lora(m, cfg)
+        randomize_lora(m, seed=10 + i)
+        lora.save_adapter(m, root / name, cfg)
+    return base, root
+
+
+def merged_alone(base, root, prompt, name, n):
+    """The reference: the request alone on the base model with its adapter merged into the weights."""
+    m = copy.deepcopy(base)
+    if name is not None:
+        lora.load_adapter(m, root / name)
+        lora.merge_lora(m)
+    return m.generate([prompt], n)[0]
+
+
+def mixed_requests(n=14, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    names = [None, "a", "b", "c", "d"]
+    return [(torch.randint(0, 259, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist(),
+             names[i % 5], 3 + i % 6) for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", serve.MODES)
+def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, mode):
+    base, root = served
+    engine = serve.Engine(base, None, mode=mode, pool_pages=400)
+    for name in ADAPTER_SPECS:
+        engine.add_adapter(name, str(root / name))
+    reqs, ids = mixed_requests(), []
+    for i, (prompt, name, n) in enumerate(reqs):   # arrivals spread over the run
+        ids.append(engine.submit(prompt, name, n))
+        if i % 3 == 2:
+            engine.step(), engine.step()
+    while engine.step() or engine.pending():
+        pass
+    for rid, (prompt, name, n) in zip(ids, reqs):
+        assert engine.tokens[rid][len(prompt):] == merged_alone(base, root, prompt, name, n), (mode, name)
+    stats = engine.pool.stats()
+    assert stats.kv == 0 and stats.free + stats.adapter == stats.total
+    x = torch.randint(0, 259, (1, 5))
+    assert torch.equal(base(x), tiny_llama()(x))                   # the merged mode restored the weights
+
+
+def test_unknown_adapter_and_oversized_prompt_fail_alone(served):
+    base, root = served
+    engine = serve.Engine(base, None, pool_pages=60)
+    engine.add_adapter("a", str(root / "a"))
+    out = engine.generate([[1, 2, 3], [4, 5], list(range(200))], ["a", "nope", None], 4)
+    assert out[0] == merged_alone(base, root, [1, 2, 3], "a", 4)
+    assert isinstance(out[1], serve.Failed) and "unknown adapter 'nope'" in out[1].reason
+    assert isinstance(out[2], serve.Failed) and "more than the whole pool" in out[2].reason
+
+
+def test_bad_adapter_refused_at_registration_others_still_served(served, tmp_path):
+    base, root = served
+    engine = serve.Engine(base, None, pool_pages=200)
+    engine.add_adapter("a", str(root / "a"))
+    _write_adapter(tmp_path / "broken", {"use_dora": True})
+    with pytest.raises(AdapterError, match="use_dora"):
+        engine.add_adapter("broken", str(tmp_path / "broken"))
+    wide = copy.deepcopy(base)
+    lora.add_lora(wide, LoRAConfig(r=2, targets=("gate_proj",)))
+    lora.save_adapter(wide, tmp_path / "mlp", LoRAConfig(r=2, targets=("gate_proj",)))
+    with pytest.raises(AdapterError, match="gate_proj"):
+        engine.add_adapter("mlp", str(tmp_path / "mlp"))
+    assert engine.generate([[7, 8, 9]], ["a"], 3)[0] == merged_alone(base, root, [7, 8, 9], "a", 3)
+
+
+def test_full_pool_makes_requests_wait_and_loses_nothing(served):
+    base, root = served
+    # 60 pages: adapter b takes 40, each request reserves 2 ceil((prompt + new) / 3) KV pages
+    engine = serve.Engine(base, None, pool_pages=60)
+    for name in ADAPTER_SPECS:
+        engine.add_adapter(name, str(root / name))
+    reqs = mixed_requests(10, seed=3)
+    out = engine.generate([p for p, _, _ in reqs], [a for _, a, _ in reqs], 6)
+    assert out == [merged_alone(base, root, p, a, 6) for p, a, _ in reqs]
+    assert max(n for _, n, _ in engine.step_times) < sum(len(p) for p, _, _ in reqs)   # never all at once
+    assert engine.pool.stats().kv == 0
+
+
+def test_trace_statistics():
+    t = serve.TraceConfig(adapters=50, rate=20.0, duration=1000.0, cv=2.0, alpha=0.5, input_len="3,9")
+    trace = serve.make_trace(t, vocab_size=100)
+    gaps = np.diff([0.0] + [r["arrival"] for r in trace])
+    assert len(trace) == 20000
+    assert abs(gaps.mean() - 1 / 20) < 0.003 and abs(gaps.std() / gaps.mean() - 2.0) < 0.1
+    first_tenth = np.mean([r["adapter"] < 5 for r in trace])      # power law: P(index < n/10) = 0.1^alpha
+    assert abs(first_tenth - 0.1 ** 0.5) < 0.02
+    assert {len(r["prompt"]) for r in trace} == set(range(3, 10))
+    uniform = serve.make_trace(serve.TraceConfig(adapters=50, rate=20.0, duration=1000.0, alpha=1.0), 100)
+    assert abs(np.mean([r["adapter"] < 5 for r in uniform]) - 0.1) < 0.01
+
+
+def test_1000_request_trace_ends_with_every_page_free(served):
+    base, root = served
+    engine = serve.Engine(base, None, pool_pages=150, ttft_slo=0.5, policy="cluster")
+    for name in ADAPTER_SPECS:
+        engine.add_adapter(name, str(root / name))
+    t = serve.TraceConfig(rate=4000.0, duration=0.25, input_len="1,6", output_len="1,3", seed=2)
+    trace = serve.make_trace(t, vocab_size=259)
+    names = [[None, "a", "b", "c", "d"][r["adapter"] % 5] for r in trace]
+    stats = serve.replay(engine, trace, names, slo=0.5)
+    states = [r.state for r in engine.requests.values()]
+    assert len(states) == 1000 and set(states) <= {State.FINISHED, State.ABORTED}
+    assert stats["aborted"] == states.count(State.ABORTED)
+    assert engine.pool.stats().kv == 0 and engine.pool.stats().free + engine.pool.stats().adapter == 150
+    assert all(res.refs == 0 for res in engine.pool.resident.values())

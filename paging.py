@@ -1,0 +1,396 @@
+"""Unified Paging: one memory pool for KV cache and LoRA adapters (S-LoRA, arXiv 2311.03285, section 4).
+
+S-LoRA serves thousands of adapters with one base model. Adapters of different ranks and KV caches of
+different lengths would fragment GPU memory, so both live in one pool of equal pages (figure 3). A page
+holds H numbers (H = model dim) in every layer: the pool is a tensor [L, P, H], and page p is the slot
+pool[:, p, :]. KV cache (GQA, g = n_heads // n_kv_heads, kv_dim = H / g): one page holds the K (or V)
+vectors of g consecutive tokens of a request, so a request of n tokens takes 2 ceil(n / g) pages.
+Adapter on target t with rank r: A [r, H] takes r pages (row j -> page j), B [out, r] is stored as
+B^T [r, out], r more pages; 2 T r pages for T targets, the same pages in every layer.
+
+All registered adapters stay in host memory (pinned under CUDA); an adapter is copied into the pool when
+a request needs it, stays while a running request uses it (reference count) and is evicted, least
+recently used first, only when its pages are wanted. Prefetch loads the adapters of the next likely
+requests while the current batch decodes (section 4.2): on CUDA on a side stream, ordered by an event.
+
+Simplified: pages are allocated lowest index first; no swapping of KV to host; only the attention
+projections q, k, v, o are servable (S-LoRA's setting, all with input width H).
+Demo: `python paging.py` prints a map of the pool (. free, K kv cache, A adapter) as it is used.
+"""
+import argparse
+import heapq
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from lora import PEFT_PREFIX, LoRAConfig, read_adapter
+
+SERVABLE = ("q_proj", "k_proj", "v_proj", "o_proj")
+KV, ADAPTER = "kv", "adapter"   # the two kinds of page owner
+# Letters: L layers, P pages, H model dim, r rank, g tokens per KV page, R requests, S adapter slots.
+
+
+class PoolFullError(RuntimeError):
+    """The pool cannot provide the pages asked for, even after evicting every unused adapter."""
+
+
+def kv_pages(n_tokens: int, tokens_per_page: int) -> int:
+    """Pages for the K and V of n tokens: 2 ceil(n / g)."""
+    return 2 * math.ceil(n_tokens / tokens_per_page)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    total: int
+    free: int
+    kv: int
+    adapter: int
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free
+
+
+class PageAllocator:
+    """Plain-integer page bookkeeping (no tensors). Invariants: used + free = total, no page twice."""
+
+    def __init__(self, n_pages: int):
+        self.n_pages = n_pages
+        self._free = list(range(n_pages))   # a min-heap: lowest free index first, for a readable map
+        self.owner: Dict[int, str] = {}     # page -> KV or ADAPTER
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int, owner: str) -> List[int]:
+        if owner not in (KV, ADAPTER):
+            raise ValueError(f"page owner must be {KV!r} or {ADAPTER!r}, got {owner!r}")
+        if not self.can_allocate(n):
+            raise PoolFullError(f"asked for {n} pages, only {len(self._free)} of {self.n_pages} are free")
+        pages = [heapq.heappop(self._free) for _ in range(n)]
+        self.owner.update((p, owner) for p in pages)
+        return pages
+
+    def free(self, pages: Sequence[int]):
+        for p in pages:
+            if self.owner.pop(p, None) is None:
+                raise ValueError(f"page {p} is not allocated (double free or foreign page)")
+            heapq.heappush(self._free, p)
+
+    def stats(self) -> PoolStats:
+        kv = sum(1 for o in self.owner.values() if o == KV)
+        return PoolStats(self.n_pages, len(self._free), kv, len(self.owner) - kv)
+
+    def page_map(self) -> str:
+        """One character per page: . free, K kv cache, A adapter."""
+        return "".join({KV: "K", ADAPTER: "A"}.get(self.owner.get(p), ".") for p in range(self.n_pages))
+
+
+@dataclass
+class HostAdapter:
+    """A LoRA adapter in host memory, packed per target as W [L, 2r, H]: rows 0..r-1 are A (all layers),
+    rows r..2r-1 are B^T zero-padded from `out` to H numbers, so loading is one indexed copy per target."""
+    name: str
+    rank: int
+    scale: float                     # alpha / r (alpha / sqrt(r) with rsLoRA)
+    weights: Dict[str, torch.Tensor]  # target -> [L, 2r, H] float32
+    out: Dict[str, int]              # target -> output width of B
+
+    @property
+    def targets(self) -> Tuple[str, ...]:
+        return tuple(self.weights)
+
+    @property
+    def n_pages(self) -> int:
+        return 2 * len(self.weights) * self.rank
+
+    def a(self, target: str) -> torch.Tensor:   # [L, r, H]
+        return self.weights[target][:, :self.rank]
+
+    def bt(self, target: str) -> torch.Tensor:  # [L, r, out]
+        return self.weights[target][:, self.rank:, :self.out[target]]
+
+    @staticmethod
+    def from_peft(name: str, cfg: LoRAConfig, tensors: Dict[str, torch.Tensor], n_layers: int) -> "HostAdapter":
+        """From lora.read_adapter's (config, {PEFT key: tensor}); every layer must have each target."""
+        if len(tensors) != 2 * n_layers * len(cfg.targets):
+            raise ValueError(f"adapter {name!r}: {len(tensors)} tensors, expected lora_A and lora_B for "
+                             f"{len(cfg.targets)} targets in each of {n_layers} layers (built for another model?)")
+        weights, out = {}, {}
+        for target in cfg.targets:
+            if target not in SERVABLE:
+                raise ValueError(f"adapter {name!r}: module {target!r} cannot be served (only {list(SERVABLE)})")
+            a, b = [], []
+            for i in range(n_layers):
+                key = f"{PEFT_PREFIX}model.layers.{i}.self_attn.{target}"
+                if f"{key}.lora_A.weight" not in tensors or f"{key}.lora_B.weight" not in tensors:
+                    raise ValueError(f"adapter {name!r}: missing {key}.lora_A/B.weight "
+                                     f"(the model has {n_layers} layers)")
+                a.append(tensors[f"{key}.lora_A.weight"].float())   # [r, H]
+                b.append(tensors[f"{key}.lora_B.weight"].float())   # [out, r]
+            A, BT = torch.stack(a), torch.stack(b).transpose(1, 2)  # [L, r, H], [L, r, out]
+            if BT.shape[2] > A.shape[2]:
+                raise ValueError(f"adapter {name!r}: {target} output width {BT.shape[2]} exceeds "
+                                 f"the page size {A.shape[2]}")
+            packed = torch.zeros(n_layers, 2 * cfg.r, A.shape[2])   # [L, 2r, H]
+            packed[:, :cfg.r], packed[:, cfg.r:, :BT.shape[2]] = A, BT
+            weights[target] = packed.pin_memory() if torch.cuda.is_available() else packed
+            out[target] = BT.shape[2]
+        return HostAdapter(name, cfg.r, cfg.scale, weights, out)
+
+    @staticmethod
+    def from_dir(name: str, path: str, n_layers: int) -> "HostAdapter":
+        return HostAdapter.from_peft(name, *read_adapter(path), n_layers)
+
+    @staticmethod
+    def random(name: str, n_layers: int, dim: int, out: Dict[str, int], rank: int, alpha: float = 16.0,
+               seed: int = 0) -> "HostAdapter":
+        """A synthetic adapter (random A and B under PEFT keys), as S-LoRA's benchmarks use;
+        out maps each target to its output width (H for q and o, kv_dim for k and v)."""
+        gen, H, tensors = torch.Generator().manual_seed(seed), dim, {}
+        for i in range(n_layers):
+            for t, width in out.items():
+                key = f"{PEFT_PREFIX}model.layers.{i}.self_attn.{t}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, H, generator=gen) / H ** 0.5    # [r, H]
+                tensors[f"{key}.lora_B.weight"] = torch.randn(width, rank, generator=gen) / rank  # [out, r]
+        return HostAdapter.from_peft(name, LoRAConfig(r=rank, alpha=alpha, targets=tuple(out)), tensors, n_layers)
+
+
+@dataclass
+class Resident:
+    """An adapter copied into the pool: per target its 2r pages (A rows, then B^T rows)."""
+    pages: Dict[str, List[int]]
+    refs: int = 0                    # running requests that use it; evictable only at 0
+    ready: Optional[object] = None   # torch.cuda.Event recorded after an asynchronous copy
+
+
+@dataclass
+class AdapterTables:
+    """Kernel-side index tensors of one target (layout in kernels.py); slot 0 is the base model."""
+    page_ids: torch.Tensor  # int32 [n]
+    a_start: torch.Tensor   # int32 [S]: A row j of slot s is page page_ids[a_start[s] + j], j < ranks[s]
+    b_start: torch.Tensor   # int32 [S]: likewise for B^T rows
+    ranks: torch.Tensor     # int32 [S]: 0 = slot s does not adapt this target
+    scales: torch.Tensor    # float32 [S]
+
+
+@dataclass
+class PoolConfig:
+    n_layers: int = field(default=2, metadata={"help": "L, layers of the model"})
+    n_pages: int = field(default=32, metadata={"help": "P, pages in the pool"})
+    dim: int = field(default=12, metadata={"help": "H, numbers per page (the model dim)"})
+    tokens_per_page: int = field(default=3, metadata={"help": "g = n_heads // n_kv_heads, tokens per KV page"})
+    dtype: str = field(default="float32", metadata={"help": "torch dtype of the pool"})
+    device: str = field(default="cpu", metadata={"help": "device of the pool"})
+
+    @staticmethod
+    def for_model(model_cfg, n_pages: int, dtype: str = "float32", device: str = "cpu") -> "PoolConfig":
+        """From a model.ModelConfig (dim, n_layers, n_heads, n_kv_heads)."""
+        return PoolConfig(model_cfg.n_layers, n_pages, model_cfg.dim, model_cfg.n_heads // model_cfg.n_kv_heads,
+                          dtype, device)
+
+
+class UnifiedPool:
+    """The pool tensor [L, P, H], its allocator, the KV block lists and the resident adapters."""
+
+    def __init__(self, cfg: PoolConfig):
+        self.cfg, self.g = cfg, cfg.tokens_per_page
+        self.tensor = torch.zeros(cfg.n_layers, cfg.n_pages, cfg.dim, dtype=getattr(torch, cfg.dtype),
+                                  device=cfg.device)  # [L, P, H]
+        self.alloc = PageAllocator(cfg.n_pages)
+        self.blocks: Dict[int, List[Tuple[int, int]]] = {}   # seq -> [(K page, V page)] per g tokens
+        self.host: Dict[str, HostAdapter] = {}
+        self.resident: "OrderedDict[str, Resident]" = OrderedDict()  # least recently used first
+        self.copy_stream = torch.cuda.Stream(self.tensor.device) if self.tensor.is_cuda else None
+
+    def stats(self) -> PoolStats:
+        return self.alloc.stats()
+
+    def _take(self, n: int, owner: str, keep: frozenset = frozenset()) -> List[int]:
+        """n pages, evicting unused adapters (least recently used first, never those in keep) if needed."""
+        unused = [name for name, res in self.resident.items() if res.refs == 0 and name not in keep]
+        evictable = sum(self.host[name].n_pages for name in unused)
+        if self.alloc.n_free + evictable < n:
+            raise PoolFullError(f"need {n} pages: {self.alloc.n_free} free and {evictable} in unused adapters")
+        for name in unused:
+            if self.alloc.can_allocate(n):
+                break
+            self.evict(name)
+        return self.alloc.allocate(n, owner)
+
+    # ------------------------------------------------------------------ KV cache side
+
+    def allocate_kv(self, seq: int, n_tokens: int) -> List[int]:
+        """Grow seq's block list so it holds n_tokens tokens in total; returns the new pages."""
+        blocks = self.blocks.setdefault(seq, [])
+        missing = math.ceil(n_tokens / self.g) - len(blocks)
+        if missing <= 0:
+            return []
+        pages = self._take(2 * missing, KV)
+        blocks.extend(zip(pages[0::2], pages[1::2]))
+        return pages
+
+    def free_seq(self, seq: int):
+        self.alloc.free([p for kv in self.blocks.pop(seq, []) for p in kv])
+
+    def block_table(self, seq_ids: Sequence[int]) -> torch.Tensor:
+        """int32 [R, max_blocks, 2]; rows shorter than max_blocks are padded with page 0, which the
+        kernels never read because seq_lens bounds every row."""
+        width = max((len(self.blocks[s]) for s in seq_ids), default=0)
+        table = torch.zeros(len(seq_ids), width, 2, dtype=torch.int32)
+        for row, s in enumerate(seq_ids):
+            if self.blocks[s]:
+                table[row, :len(self.blocks[s])] = torch.tensor(self.blocks[s], dtype=torch.int32)
+        return table.to(self.tensor.device)
+
+    # ------------------------------------------------------------------ adapter side
+
+    def register(self, adapter: HostAdapter):
+        """Add an adapter to the host store, after checking that it fits this model's shapes."""
+        L, _, H = self.tensor.shape
+        width = {"q_proj": H, "o_proj": H, "k_proj": H // self.g, "v_proj": H // self.g}
+        for t, w in adapter.weights.items():   # w [L, 2r, H]
+            if (w.shape[0], w.shape[2], adapter.out[t]) != (L, H, width[t]):
+                raise ValueError(f"adapter {adapter.name!r}: {t} has L={w.shape[0]}, H={w.shape[2]}, "
+                                 f"out={adapter.out[t]}; the model has L={L}, H={H}, out={width[t]}")
+        self.host[adapter.name] = adapter
+
+    def load(self, name: str, keep: frozenset = frozenset()):
+        """Copy a registered adapter into pool pages (no-op if resident): one indexed copy per target."""
+        if name not in self.host:
+            raise KeyError(f"adapter {name!r} is not registered (known: {sorted(self.host)})")
+        if name in self.resident:
+            return
+        ad = self.host[name]
+        flat, n = self._take(ad.n_pages, ADAPTER, keep), 2 * ad.rank
+        pages = {t: flat[i * n:(i + 1) * n] for i, t in enumerate(ad.targets)}
+        res = Resident(pages)
+        if self.copy_stream is None:
+            for t in ad.targets:
+                self.tensor[:, pages[t]] = ad.weights[t].to(self.tensor.dtype)   # [L, 2r, H] into pages
+        else:
+            # The pages may have been freed by work still queued on the compute stream: wait for it.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.tensor.device))
+            with torch.cuda.stream(self.copy_stream):
+                for t in ad.targets:
+                    idx = torch.tensor(pages[t], device=self.tensor.device)
+                    self.tensor[:, idx] = ad.weights[t].to(self.tensor.device, non_blocking=True).to(self.tensor.dtype)
+                res.ready = torch.cuda.Event()
+                res.ready.record(self.copy_stream)
+        self.resident[name] = res
+
+    def acquire(self, name: str):
+        """A running request uses the adapter: load it if needed, pin it, and order its copy before use."""
+        self.load(name)
+        res = self.resident[name]
+        res.refs += 1
+        self.resident.move_to_end(name)
+        if res.ready is not None:
+            torch.cuda.current_stream(self.tensor.device).wait_event(res.ready)
+
+    def release(self, name: str):
+        res = self.resident[name]
+        if res.refs == 0:
+            raise ValueError(f"adapter {name!r} released more often than acquired")
+        res.refs -= 1
+        self.resident.move_to_end(name)   # most recently used: evicted last
+
+    def evict(self, name: str):
+        res = self.resident[name]
+        if res.refs:
+            raise ValueError(f"adapter {name!r} is used by {res.refs} running requests")
+        if res.ready is not None:   # its pages may be reused on the compute stream: copy must end first
+            torch.cuda.current_stream(self.tensor.device).wait_event(res.ready)
+        self.alloc.free([p for pages in self.resident.pop(name).pages.values() for p in pages])
+
+    def prefetch(self, names: Sequence[str]) -> List[str]:
+        """Load the adapters of the next likely requests, in order, while room allows without evicting
+        one of them or a used one; returns the names loaded. Call before launching the step's forward."""
+        keep, loaded = frozenset(names), []
+        for name in names:
+            if name in self.resident or name not in self.host:
+                continue
+            try:
+                self.load(name, keep)
+            except PoolFullError:
+                break
+            loaded.append(name)
+        return loaded
+
+    def kernel_tables(self, names: Sequence[str]) -> Dict[str, AdapterTables]:
+        """Per servable target the index tensors for slots [base model, names[0], names[1], ...]."""
+        absent = [name for name in names if name not in self.resident]
+        if absent:
+            raise KeyError(f"adapters {absent} are not resident in the pool; acquire them first")
+        dev, tables = self.tensor.device, {}
+        for t in SERVABLE:
+            page_ids, a_start, b_start, ranks, scales = [], [0], [0], [0], [0.0]
+            for name in names:
+                ad, res = self.host[name], self.resident[name]
+                r = ad.rank if t in res.pages else 0
+                a_start.append(len(page_ids))
+                b_start.append(len(page_ids) + r)
+                page_ids += res.pages[t] if r else []
+                ranks.append(r)
+                scales.append(ad.scale if r else 0.0)
+            tables[t] = AdapterTables(*(torch.tensor(xs, dtype=torch.int32, device=dev)
+                                        for xs in (page_ids, a_start, b_start, ranks)),
+                                      torch.tensor(scales, dtype=torch.float32, device=dev))
+        return tables
+
+
+def _demo(cfg: PoolConfig):
+    pool = UnifiedPool(cfg)
+    kv_dim = cfg.dim // cfg.tokens_per_page
+    qv = {"q_proj": cfg.dim, "v_proj": kv_dim}
+    qkvo = {"q_proj": cfg.dim, "k_proj": kv_dim, "v_proj": kv_dim, "o_proj": cfg.dim}
+    for name, out, rank in (("a", qv, 2), ("b", qkvo, 1), ("c", qv, 3)):
+        pool.register(HostAdapter.random(name, cfg.n_layers, cfg.dim, out, rank, seed=len(pool.host)))
+        print(f"adapter {name}: rank {rank}, targets {list(out)} -> {pool.host[name].n_pages} pages")
+
+    def show(what):
+        s = pool.stats()
+        print(f"{what:<46} {pool.alloc.page_map()}  kv {s.kv:2d} adapter {s.adapter:2d} free {s.free:2d}")
+
+    print(f"pool [L, P, H] = {list(pool.tensor.shape)}, g = {pool.g} tokens per KV page")
+    show("empty")
+    pool.allocate_kv(0, 5)
+    show("request 0: prompt of 5 tokens")
+    pool.acquire("a")
+    show("request 0 uses adapter a: loaded")
+    pool.allocate_kv(1, 7)
+    pool.allocate_kv(0, 9)
+    show("request 1 (7 tokens); request 0 grows to 9")
+    pool.acquire("b")
+    show("request 1 uses adapter b: loaded")
+    pool.free_seq(0)
+    pool.release("a")
+    show("request 0 ends: KV freed, a unused but kept")
+    pool.acquire("c")
+    show(f"c needs 12 pages, 10 free: unused a evicted")
+    print(f"{'prefetch a while b and c are in use:':<46} loaded {pool.prefetch(['a'])}")
+    pool.release("b")
+    print(f"{'b released, prefetch a again:':<46} loaded {pool.prefetch(['a'])}")
+    show(f"resident now {list(pool.resident)}")
+    c, pages = pool.host["c"], pool.resident["c"].pages["v_proj"]
+    same = torch.equal(pool.tensor[:, pages[:c.rank]], c.a("v_proj")) and \
+        torch.equal(pool.tensor[:, pages[c.rank:], :kv_dim], c.bt("v_proj"))
+    print(f"pool pages of c.v_proj hold exactly A and B^T: {same}")
+    t = pool.kernel_tables(["a", "c"])["v_proj"]
+    print(f"kernel tables for v_proj, slots [base, a, c]: ranks {t.ranks.tolist()} a_start {t.a_start.tolist()} "
+          f"b_start {t.b_start.tolist()} page_ids {t.page_ids.tolist()}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Show the unified pool (S-LoRA section 4) at work.")
+    for f in fields(PoolConfig):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                        help=f.metadata["help"])
+    _demo(PoolConfig(**vars(ap.parse_args())))
