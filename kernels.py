@@ -125,50 +125,58 @@ def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales
              mask=tok_ok[:, None] & (o[None, :] < out_dim))
 
 
-def _adapter_rows(pool_l, page_ids, start, rank, width):
-    """Rows start..start+rank-1 of an adapter matrix, gathered from their pages: [r, width] fp32."""
-    return pool_l[page_ids[start:start + rank].long(), :width].float()
-
-
-def lora_shrink_ref(x, pool_l, page_ids, a_start, ranks, adapter_ids, max_rank):
-    """z[t, :r_a] = x[t] A[a]^T for a = adapter_ids[t], one matmul per adapter; zeros elsewhere."""
-    z = torch.zeros(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
-    for s in adapter_ids.unique().tolist():
-        rank = int(ranks[s])
-        if rank > 0:
-            rows = adapter_ids == s
-            A = _adapter_rows(pool_l, page_ids, int(a_start[s]), rank, x.shape[1])  # [r, H]
-            z[rows, :rank] = x[rows].float() @ A.T                                    # [T, r]
-    return z
-
-
-def lora_expand_ref(z, pool_l, page_ids, b_start, ranks, scales, adapter_ids, out_dim):
-    """delta[t] = scale[a] z[t, :r_a] B[a]^T for a = adapter_ids[t]; zeros for rank-0 slots."""
-    delta = torch.zeros(z.shape[0], out_dim, dtype=torch.float32, device=z.device)
-    for s in adapter_ids.unique().tolist():
-        rank = int(ranks[s])
-        if rank > 0:
-            rows = adapter_ids == s
-            Bt = _adapter_rows(pool_l, page_ids, int(b_start[s]), rank, out_dim)   # [r, O]
-            delta[rows] = scales[s] * (z[rows, :rank] @ Bt)                          # [T, O]
-    return delta.to(pool_l.dtype)
-
-
-def _token_adapters(seg_starts, seg_adapter):
-    """The adapter slot of every token, from segments: [N]."""
-    return seg_adapter.repeat_interleave(seg_starts[1:] - seg_starts[:-1])
-
-
 def lora_shrink_segments_ref(x, pool_l, page_ids, a_start, ranks, seg_starts, seg_adapter,
                              max_rank):
-    adapter_ids = _token_adapters(seg_starts, seg_adapter)
-    return lora_shrink_ref(x, pool_l, page_ids, a_start, ranks, adapter_ids, max_rank)
+    """MBGMM: z[t, :r_a] = x[t] A[a]^T for the tokens t of each segment (adapter a), one matmul
+    per segment with A's rows gathered from their pages; zeros past r_a and for rank 0."""
+    z = torch.zeros(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    pages, bounds, starts, rank_of = page_ids.long(), seg_starts.tolist(), a_start.tolist(), ranks.tolist()
+    for i, a in enumerate(seg_adapter.tolist()):
+        r, t0, t1 = rank_of[a], bounds[i], bounds[i + 1]
+        if r and t1 > t0:
+            A = pool_l[pages[starts[a]:starts[a] + r]]                               # [r, H]
+            z[t0:t1, :r] = x[t0:t1].float() @ A.float().T                           # [T, H] @ [H, r]
+    return z
 
 
 def lora_expand_segments_ref(z, pool_l, page_ids, b_start, ranks, scales, seg_starts, seg_adapter,
                              out_dim):
-    adapter_ids = _token_adapters(seg_starts, seg_adapter)
-    return lora_expand_ref(z, pool_l, page_ids, b_start, ranks, scales, adapter_ids, out_dim)
+    """MBGMM: delta[t] = scale[a] z[t, :r_a] B[a]^T, B^T's rows gathered from their pages."""
+    delta = torch.zeros(z.shape[0], out_dim, dtype=torch.float32, device=z.device)
+    pages, bounds, starts, rank_of = page_ids.long(), seg_starts.tolist(), b_start.tolist(), ranks.tolist()
+    for i, a in enumerate(seg_adapter.tolist()):
+        r, t0, t1 = rank_of[a], bounds[i], bounds[i + 1]
+        if r and t1 > t0:
+            Bt = pool_l[pages[starts[a]:starts[a] + r], :out_dim]                    # [r, O]
+            delta[t0:t1] = scales[a] * (z[t0:t1, :r] @ Bt.float())                   # [T, r] @ [r, O]
+    return delta.to(pool_l.dtype)
+
+
+def _as_segments(adapter_ids):
+    """MBGMV's per-token adapters as MBGMM segments: the token order that groups equal adapters,
+    the segment bounds [G+1] and the adapter of each segment [G]."""
+    order = torch.argsort(adapter_ids, stable=True)
+    seg_adapter, counts = torch.unique_consecutive(adapter_ids[order], return_counts=True)
+    return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), seg_adapter
+
+
+def lora_shrink_ref(x, pool_l, page_ids, a_start, ranks, adapter_ids, max_rank):
+    """MBGMV: z[t, :r_a] = x[t] A[a]^T for a = adapter_ids[t]; tokens are grouped by adapter
+    so that each adapter's rows are gathered once."""
+    order, seg_starts, seg_adapter = _as_segments(adapter_ids)
+    z = torch.empty(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    z[order] = lora_shrink_segments_ref(x[order], pool_l, page_ids, a_start, ranks, seg_starts, seg_adapter,
+                                        max_rank)
+    return z
+
+
+def lora_expand_ref(z, pool_l, page_ids, b_start, ranks, scales, adapter_ids, out_dim):
+    """MBGMV: delta[t] = scale[a] z[t, :r_a] B[a]^T for a = adapter_ids[t]; zeros for rank 0."""
+    order, seg_starts, seg_adapter = _as_segments(adapter_ids)
+    delta = torch.empty(z.shape[0], out_dim, dtype=pool_l.dtype, device=z.device)
+    delta[order] = lora_expand_segments_ref(z[order], pool_l, page_ids, b_start, ranks, scales, seg_starts,
+                                            seg_adapter, out_dim)
+    return delta
 
 
 def lora_shrink(x, pool_l, page_ids, a_start, ranks, adapter_ids, max_rank, *,
@@ -298,33 +306,50 @@ def _cached_kv(pool_l, block_table, seq_ids, positions, kv_dim):
 
 
 def _attend(q, k, v, allowed):
-    """softmax(q k^T / sqrt(D)) v with GQA: q [T, nh, D], k/v [n, nkv, D], allowed [T, n]."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1).float(), v.repeat_interleave(g, dim=1).float()  # n,nh,D
-    scores = torch.einsum("thd,nhd->htn", q.float(), k) / math.sqrt(q.shape[2])   # [nh, T, n]
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    return torch.einsum("htn,nhd->thd", weights, v).to(q.dtype)                    # [T, nh, D]
+    """softmax(q k^T / sqrt(D)) v with GQA: q [B, T, nh, D], k/v [B, n, nkv, D], allowed [B, T, n]."""
+    g = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(g, dim=2).float(), v.repeat_interleave(g, dim=2).float()  # B,n,nh,D
+    scores = torch.einsum("bthd,bnhd->bhtn", q.float(), k) / math.sqrt(q.shape[3])     # [B, nh, T, n]
+    weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhtn,bnhd->bthd", weights, v).to(q.dtype)                      # [B, T, nh, D]
+
+
+def _attend_one_each(q, pool_l, block_table, seq_ids, positions, n_kv_heads):
+    """Tokens from different requests, batched: each gathers positions 0..max of its own request
+    and masks those past its own position. q [B, nh, D] -> [B, nh, D]."""
+    B, nh, D = q.shape
+    pos = torch.arange(int(positions.max()) + 1, device=q.device)                        # [n]
+    rows = seq_ids[:, None].expand(B, pos.numel())
+    k, v = _cached_kv(pool_l, block_table, rows, pos.expand(B, -1), n_kv_heads * D)      # [B, n, kv_dim]
+    k, v = k.view(B, -1, n_kv_heads, D), v.view(B, -1, n_kv_heads, D)
+    allowed = (pos[None, :] <= positions[:, None])[:, None, :]                          # [B, 1, n]
+    return _attend(q[:, None], k, v, allowed)[:, 0]
 
 
 def paged_attention_decode_ref(q, pool_l, block_table, seq_lens, n_kv_heads):
     """Row r is the newest token of request r, at position seq_lens[r]-1: it sees every cached
     position of its request."""
     seq_ids = torch.arange(q.shape[0], device=q.device)
-    return paged_attention_prefill_ref(q, pool_l, block_table, seq_ids, seq_lens - 1, n_kv_heads)
+    return _attend_one_each(q, pool_l, block_table, seq_ids, seq_lens.long() - 1, n_kv_heads)
 
 
 def paged_attention_prefill_ref(q, pool_l, block_table, seq_ids, positions, n_kv_heads):
-    """Ragged causal: token t attends to positions 0..positions[t] of request seq_ids[t]."""
+    """Ragged causal: token t attends to positions 0..positions[t] of request seq_ids[t].
+    Requests with one token this step (decodes) are batched; longer ones go one by one."""
     N, nh, D = q.shape
     out = torch.empty_like(q)
-    for r in seq_ids.unique().tolist():
+    single = torch.bincount(seq_ids.long())[seq_ids.long()] == 1                       # [N]
+    if single.any():
+        out[single] = _attend_one_each(q[single], pool_l, block_table, seq_ids[single], positions[single],
+                                       n_kv_heads)
+    for r in seq_ids[~single].unique().tolist():
         rows = (seq_ids == r).nonzero()[:, 0]                                      # tokens of r
         n = int(positions[rows].max()) + 1
         pos = torch.arange(n, device=q.device)
         k, v = _cached_kv(pool_l, block_table, torch.full_like(pos, r), pos, n_kv_heads * D)
         allowed = pos[None, :] <= positions[rows, None]                            # [T, n] causal
-        k, v = k.view(n, n_kv_heads, D), v.view(n, n_kv_heads, D)
-        out[rows] = _attend(q[rows], k, v, allowed)
+        k, v = k.view(1, n, n_kv_heads, D), v.view(1, n, n_kv_heads, D)
+        out[rows] = _attend(q[rows][None], k, v, allowed[None])[0]
     return out
 
 
@@ -567,8 +592,8 @@ def _per_token_loop(x, pool_l, page_ids, a_start, b_start, ranks, scales, adapte
     tables = [t.tolist() for t in (ranks, a_start, b_start, scales)]
     for t, s in enumerate(adapter_ids.tolist()):
         r, a0, b0, scale = (col[s] for col in tables)
-        A = _adapter_rows(pool_l, page_ids, a0, r, x.shape[1])                         # [r, H]
-        Bt = _adapter_rows(pool_l, page_ids, b0, r, x.shape[1])                        # [r, O]
+        A = pool_l[page_ids[a0:a0 + r].long()].float()                                 # [r, H]
+        Bt = pool_l[page_ids[b0:b0 + r].long()].float()                                # [r, O]
         delta[t] = scale * (x[t].float() @ A.T) @ Bt
     return delta
 

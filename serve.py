@@ -148,14 +148,16 @@ class Engine:
             self.pool.allocate_kv(req.id, req.cache_len())
         if self.cfg.mode in ("slora", "bmm") and self.cfg.prefetch:
             self.pool.prefetch([r.adapter for r in self.sched.waiting[:self.cfg.prefetch] if r.adapter])
-        batch, slots, names = self._batch(plan.requests)
-        lora = self._lora(batch, plan, slots, names)
+        # Requests of one adapter side by side: each adapter is one segment of the LoRA kernels.
+        reqs = sorted(plan.requests, key=lambda r: (r.adapter is not None, r.adapter or ""))
+        batch, slots, names = self._batch(reqs)
+        lora = self._lora(batch, reqs, bool(plan.prefill), slots, names)
         with torch.no_grad():
             logits = self.model.forward_paged(batch, self.pool.tensor, lora)      # [R, V]
         new = sample(logits, self.cfg.temperature).tolist()
-        for req, t in zip(plan.requests, new):
+        for req, t in zip(reqs, new):
             self.tokens[req.id].append(t)
-        stopped = frozenset(r.id for r, t in zip(plan.requests, new) if t == self.eos_id)
+        stopped = frozenset(r.id for r, t in zip(reqs, new) if t == self.eos_id)
         for req in self.sched.advance(plan, self.now(), stopped):
             self.pool.free_seq(req.id)
             if req.adapter is not None:
@@ -183,11 +185,11 @@ class Engine:
 
     # ------------------------------------------------------------------ the LoRA part of each mode
 
-    def _lora(self, batch, plan, slots, names):
+    def _lora(self, batch, reqs, prefill, slots, names):
         if not names or self.cfg.mode == "merged":
             return None
         dev = batch.tokens.device
-        lengths = torch.tensor([r.step_tokens() for r in plan.requests], device=dev)
+        lengths = torch.tensor([r.step_tokens() for r in reqs], device=dev)
         seg_adapter = torch.tensor(slots, dtype=torch.int32, device=dev)                   # [R]
         token_slots = seg_adapter.repeat_interleave(lengths)                               # [N]
         if self.cfg.mode == "no-unified":
@@ -203,7 +205,7 @@ class Engine:
             if t is None or not bool((t.ranks > 0).any()):
                 return None
             pool_l = self.pool.tensor[layer]
-            if plan.prefill:   # MBGMM: segments of tokens sharing an adapter
+            if prefill:        # MBGMM: segments of tokens sharing an adapter
                 z = kernels.lora_shrink_segments(x, pool_l, t.page_ids, t.a_start, t.ranks, seg_starts, seg_adapter,
                                                  max_rank)
                 return kernels.lora_expand_segments(z, pool_l, t.page_ids, t.b_start, t.ranks, t.scales, seg_starts,
@@ -343,13 +345,16 @@ def synthetic_adapters(n: int, ranks: List[int], cfg: ModelConfig, seed: int = 0
 class BenchConfig:
     modes: str = field(default="slora,no-unified,bmm,merged,base", metadata={"help": "modes to compare, comma separated"})
     policy: str = field(default="fcfs", metadata={"help": "fcfs or cluster"})
-    pool_pages: int = field(default=6000, metadata={"help": "pages in the unified pool"})
-    adapter_reserve: int = field(default=1500, metadata={"help": "no-unified: pages held back for adapters"})
+    pool_pages: int = field(default=12000, metadata={"help": "pages in the unified pool (a page: H numbers x L layers)"})
+    adapter_reserve: int = field(default=6000, metadata={"help": "no-unified: pages held back for adapters"})
     slo: float = field(default=5.0, metadata={"help": "first-token SLO (s) for attainment"})
     abort: bool = field(default=False, metadata={"help": "early-abort requests that miss the SLO"})
     base: str = field(default="", metadata={"help": "GGUF file or HF directory (default: random weights, real shape)"})
     layers: int = field(default=30, metadata={"help": "layers of the random base model"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is steadiest on a shared machine)"})
     adapter: List[str] = field(default_factory=list, metadata={"help": "name=path of a PEFT adapter to serve (repeatable)"})
+    tp: int = field(default=1, metadata={"help": "tensor parallelism over this many processes (S-LoRA section 6, "
+                                                 "tp.py): gloo on a CPU, NCCL on GPUs; rank 0 prints"})
 
 
 def replay(engine: Engine, trace: List[dict], names: List[Optional[str]], slo: float) -> dict:
@@ -387,6 +392,9 @@ def copy_bandwidth(nbytes=256 << 20) -> float:
 
 
 def benchmark(b: BenchConfig, t: TraceConfig):
+    if b.tp > 1:
+        import tp   # imported here only: tp.py imports this module
+        return tp.benchmark(b, t)
     torch.manual_seed(0)
     model = load_model(b.base)[0] if b.base else Llama(ModelConfig(n_layers=b.layers)).eval()
     cfg, ranks = model.config, [int(r) for r in t.ranks.split(",")]
