@@ -98,11 +98,14 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
-def project(linear, x, lora, layer, name):
-    """Base projection x W^T, plus the server's per-token LoRA delta when one is given."""
+def project(linear, x, lora, layer, name, reduce=None):
+    """Base projection x W^T, plus the server's per-token LoRA delta when one is given. `reduce`: set by
+    tensor parallelism (tp.py) on row-parallel layers, the all-reduce of the partial sums; it comes after
+    the delta, so the base all-reduce carries the LoRA output too (S-LoRA section 6)."""
     y = linear(x)
     delta = lora(x, layer, name) if lora is not None else None
-    return y if delta is None else y + delta
+    y = y if delta is None else y + delta
+    return y if reduce is None else reduce(y)
 
 
 class Attention(nn.Module):
@@ -113,6 +116,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.all_reduce: Optional[Callable] = None   # tp.py: sums o_proj's partial outputs over devices
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         """x [B, T, H]; cos, sin [B, 1, T, hd]; mask [B, 1, T, S] (True = may attend)."""
@@ -126,7 +130,7 @@ class Attention(nn.Module):
         g = c.n_heads // c.n_kv_heads                                              # K/V head j serves
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)        # q heads j*g..j*g+g-1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                # [B, nh, T, hd]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return project(self.o_proj, o.transpose(1, 2).reshape(B, T, -1), None, layer, "o_proj", self.all_reduce)
 
     def forward_paged(self, x, cos, sin, batch, pool_l, layer, lora):
         """x [N, H]: write this step's K/V into the pool pages, attend over each request's pages."""
@@ -135,13 +139,14 @@ class Attention(nn.Module):
         k = project(self.k_proj, x, lora, layer, "k_proj").view(N, c.n_kv_heads, c.head_dim)
         v = project(self.v_proj, x, lora, layer, "v_proj")                          # [N, kv_dim]
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-        kernels.write_kv(pool_l, k.reshape(N, c.kv_dim), v, batch.block_table, batch.seq_ids, batch.positions)
+        kv_pool = pool_l[:, :c.n_heads // c.n_kv_heads * c.kv_dim]  # g tokens: all H, or this device's heads (tp.py)
+        kernels.write_kv(kv_pool, k.reshape(N, c.kv_dim), v, batch.block_table, batch.seq_ids, batch.positions)
         if N == batch.seq_lens.numel():  # one token per request: the decode kernel
-            o = kernels.paged_attention_decode(q, pool_l, batch.block_table, batch.seq_lens, c.n_kv_heads)
+            o = kernels.paged_attention_decode(q, kv_pool, batch.block_table, batch.seq_lens, c.n_kv_heads)
         else:
-            o = kernels.paged_attention_prefill(q, pool_l, batch.block_table, batch.seq_ids, batch.positions,
+            o = kernels.paged_attention_prefill(q, kv_pool, batch.block_table, batch.seq_ids, batch.positions,
                                                 c.n_kv_heads)
-        return project(self.o_proj, o.reshape(N, -1), lora, layer, "o_proj")       # [N, H]
+        return project(self.o_proj, o.reshape(N, -1), lora, layer, "o_proj", self.all_reduce)   # [N, H]
 
 
 class MLP(nn.Module):
@@ -150,11 +155,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.all_reduce: Optional[Callable] = None   # tp.py: sums down_proj's partial outputs over devices
 
     def forward(self, x, lora=None, layer=0):  # SwiGLU: down(silu(gate x) * up x)
         gate = project(self.gate_proj, x, lora, layer, "gate_proj")
         up = project(self.up_proj, x, lora, layer, "up_proj")
-        return project(self.down_proj, F.silu(gate) * up, lora, layer, "down_proj")
+        return project(self.down_proj, F.silu(gate) * up, lora, layer, "down_proj", self.all_reduce)
 
 
 class DecoderLayer(nn.Module):

@@ -88,10 +88,14 @@ class Step:
 class Scheduler:
     """Waiting queue -> running batch, admission against the page budget of the unified pool."""
 
-    def __init__(self, cfg: SchedulerConfig, total_pages: int, tokens_per_page: int, adapter_pages: Dict[str, int]):
+    def __init__(self, cfg: SchedulerConfig, total_pages: int, tokens_per_page: int, adapter_pages: Dict[str, int],
+                 adapter_budget: Optional[int] = None):
         if cfg.policy not in ("fcfs", "cluster"):
             raise ValueError(f"unknown policy {cfg.policy!r} (fcfs or cluster)")
         self.cfg, self.total_pages, self.g = cfg, total_pages, tokens_per_page
+        # None: adapters share total_pages with the KV cache (unified paging). A number: adapters have
+        # their own memory of that many pages and total_pages is the KV cache's alone (no unified pool).
+        self.adapter_budget = adapter_budget
         self.adapter_pages = adapter_pages   # the adapters that exist (registered in the pool): name -> pages
         self.waiting: List[Request] = []
         self.running: List[Request] = []
@@ -101,8 +105,16 @@ class Scheduler:
 
     def reserved_pages(self) -> int:
         """Worst-case pages of the running batch: KV to their end plus each adapter in use once."""
+        return sum(self._reserved())
+
+    def _reserved(self) -> tuple:
         used = {r.adapter for r in self.running if r.adapter is not None}
-        return sum(self.kv_reserve(r) for r in self.running) + sum(self.adapter_pages[a] for a in used)
+        return sum(self.kv_reserve(r) for r in self.running), sum(self.adapter_pages[a] for a in used)
+
+    def _fits(self, kv: int, adapters: int) -> bool:
+        if self.adapter_budget is None:
+            return kv + adapters <= self.total_pages
+        return kv <= self.total_pages and adapters <= self.adapter_budget
 
     def submit(self, req: Request):
         """Queue a request, or mark it FAILED and raise RequestRejected if it can never be served."""
@@ -111,7 +123,7 @@ class Scheduler:
             problem = f"unknown adapter {req.adapter!r}"
         elif req.prompt_len < 1 or req.max_new_tokens < 1:
             problem = f"needs prompt_len >= 1 and max_new_tokens >= 1, got {req.prompt_len}, {req.max_new_tokens}"
-        elif self.kv_reserve(req) + self.adapter_pages.get(req.adapter, 0) > self.total_pages:
+        elif not self._fits(self.kv_reserve(req), self.adapter_pages.get(req.adapter, 0)):
             problem = (f"needs {self.kv_reserve(req)} KV pages + {self.adapter_pages.get(req.adapter, 0)} adapter "
                        f"pages, more than the whole pool ({self.total_pages} pages)")
         elif self.cfg.max_prefill_tokens is not None and req.prompt_len > self.cfg.max_prefill_tokens:
@@ -152,15 +164,15 @@ class Scheduler:
         letting later small requests overtake, keeps a large request from waiting forever."""
         aborted = self._abort_late(now)
         decode = list(self.running)
-        reserved, in_use = self.reserved_pages(), {r.adapter for r in self.running}
+        (kv, adapters), in_use = self._reserved(), {r.adapter for r in self.running}
         budget = self.cfg.max_prefill_tokens   # prompt tokens that may still join; None = no cap
         prefill = []
         for req in self._order(now, resident):
             adapter_cost = 0 if req.adapter is None or req.adapter in in_use else self.adapter_pages[req.adapter]
-            need = self.kv_reserve(req) + adapter_cost
-            if reserved + need > self.total_pages or (budget is not None and req.prompt_len > budget):
+            if not self._fits(kv + self.kv_reserve(req), adapters + adapter_cost) or \
+                    (budget is not None and req.prompt_len > budget):
                 break
-            reserved += need
+            kv, adapters = kv + self.kv_reserve(req), adapters + adapter_cost
             in_use.add(req.adapter)
             if budget is not None:
                 budget -= req.prompt_len

@@ -9,9 +9,10 @@ One base model serves many LoRA adapters at once. Every step the engine
 
 Serving modes compared on the same trace (the paper's baselines, section 7):
     slora       unified pool + gathered kernels (MBGMM for steps with prefill, MBGMV for decode)
-    no-unified  adapters copied into their own freshly allocated tensors when a batch needs them and
-                freed when no running request does; KV cache gets a pool shrunk by a fixed
-                adapter reserve (the fragmentation S-LoRA's unified pool avoids)
+    no-unified  memory split statically: a KV pool of pool_pages - adapter_reserve pages, and adapter
+                memory of adapter_reserve pages in which each adapter is copied into its own freshly
+                allocated tensors when a batch needs it and freed when no running request does
+                (the fragmentation and the reloads that S-LoRA's unified pool avoids)
     bmm         adapters in the pool, but each step copies them into padded contiguous tensors
                 [S, H, r_max] and computes x A B with torch.bmm (padding to the largest rank)
     merged      the PEFT-style baseline: merge one adapter into the weights, batch only its
@@ -50,7 +51,7 @@ class EngineConfig:
     ttft_slo: Optional[float] = None    # first-token deadline (s); enables early abort
     max_prefill_tokens: Optional[int] = None  # cap on prompt tokens joining per step
     prefetch: int = 4                   # adapters of the next waiting requests to load ahead
-    adapter_reserve: int = 0            # no-unified: pages set aside for separately held adapters
+    adapter_reserve: Optional[int] = None  # no-unified: pages of adapter memory (None: half the pool)
     temperature: float = 0.0            # 0 = greedy
 
 
@@ -68,11 +69,14 @@ class Engine:
         if self.cfg.mode not in MODES:
             raise ValueError(f"unknown mode {self.cfg.mode!r}; choose from {MODES}")
         mc, w = model.config, model.lm_head.weight
-        kv_pages = self.cfg.pool_pages - (self.cfg.adapter_reserve if self.cfg.mode == "no-unified" else 0)
+        reserve = None
+        if self.cfg.mode == "no-unified":   # a static split: KV pool + adapter memory = pool_pages
+            reserve = self.cfg.pool_pages // 2 if self.cfg.adapter_reserve is None else self.cfg.adapter_reserve
+        kv_pages = self.cfg.pool_pages - (reserve or 0)
         self.pool = UnifiedPool(PoolConfig.for_model(mc, kv_pages, str(w.dtype).split(".")[-1], str(w.device)))
-        self.adapter_pages: Dict[str, int] = {}   # what the scheduler charges per adapter (0 outside the pool)
+        self.adapter_pages: Dict[str, int] = {}   # pages each registered adapter takes
         self.sched = Scheduler(SchedulerConfig(self.cfg.policy, self.cfg.max_prefill_tokens, ttft_slo=self.cfg.ttft_slo),
-                               kv_pages, self.pool.g, self.adapter_pages)
+                               kv_pages, self.pool.g, self.adapter_pages, adapter_budget=reserve)
         self.out_dim = {t: getattr(model.model.layers[0].self_attn, t).out_features for t in SERVABLE}
         self.requests: Dict[int, Request] = {}
         self.tokens: Dict[int, List[int]] = {}     # request id -> prompt + generated tokens
@@ -98,7 +102,7 @@ class Engine:
 
     def register(self, adapter: HostAdapter):
         self.pool.register(adapter)
-        self.adapter_pages[adapter.name] = adapter.n_pages if self.cfg.mode in ("slora", "bmm") else 0
+        self.adapter_pages[adapter.name] = adapter.n_pages if self.cfg.mode != "merged" else 0
 
     def submit(self, prompt: List[int], adapter: Optional[str], max_new_tokens: int, arrival=None) -> int:
         rid = len(self.requests)
@@ -300,8 +304,8 @@ class Engine:
 @dataclass
 class TraceConfig:
     adapters: int = field(default=100, metadata={"help": "number of distinct adapters"})
-    rate: float = field(default=4.0, metadata={"help": "requests per second"})
-    duration: float = field(default=15.0, metadata={"help": "seconds of arrivals; requests = rate x duration"})
+    rate: float = field(default=8.0, metadata={"help": "requests per second"})
+    duration: float = field(default=10.0, metadata={"help": "seconds of arrivals; requests = rate x duration"})
     cv: float = field(default=1.0, metadata={"help": "coefficient of variation of inter-arrival times (1 = Poisson)"})
     alpha: float = field(default=1.0, metadata={"help": "adapter popularity exponent (1 = uniform)"})
     input_len: str = field(default="8,32", metadata={"help": "prompt length range lo,hi"})
@@ -396,6 +400,7 @@ def benchmark(b: BenchConfig, t: TraceConfig):
         import tp   # imported here only: tp.py imports this module
         return tp.benchmark(b, t)
     torch.manual_seed(0)
+    torch.set_num_threads(b.threads)
     model = load_model(b.base)[0] if b.base else Llama(ModelConfig(n_layers=b.layers)).eval()
     cfg, ranks = model.config, [int(r) for r in t.ranks.split(",")]
     trace = make_trace(t, cfg.vocab_size)

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import time  # noqa: E402
 import random  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -25,7 +26,9 @@ import kernels  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 import serve  # noqa: E402
+import tp  # noqa: E402
 from lora import AdapterError, LoRAConfig, read_adapter  # noqa: E402
+from model import Llama, ModelConfig  # noqa: E402
 from paging import ADAPTER, KV, HostAdapter, PageAllocator, PoolConfig, PoolFullError, UnifiedPool, kv_pages  # noqa: E402
 from scheduler import Request, RequestRejected, Scheduler, SchedulerConfig, State  # noqa: E402
 
@@ -1000,3 +1003,153 @@ def test_1000_request_trace_ends_with_every_page_free(served):
     assert stats["aborted"] == states.count(State.ABORTED)
     assert engine.pool.stats().kv == 0 and engine.pool.stats().free + engine.pool.stats().adapter == 150
     assert all(res.refs == 0 for res in engine.pool.resident.values())
+
+
+# ------------------------------------------------------------------------------ tensor parallelism (tp.py)
+
+# 6 query heads over 3 KV heads: 2 devices split them unevenly, KV heads {0, 1} and {2}.
+CFG = ModelConfig.tiny(n_kv_heads=3)
+# Odd ranks, so that the rows of A do not split evenly; every servable target somewhere.
+SPECS = {"a": (3, ("q_proj", "k_proj", "v_proj", "o_proj")), "b": (2, ("q_proj", "v_proj")),
+         "c": (5, ("k_proj", "o_proj")), "d": (1, ("q_proj", "o_proj"))}
+
+
+def base_model():
+    torch.manual_seed(0)
+    return Llama(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """PEFT adapters with random A and B (B is zero at initialisation) on disk, and a broken one."""
+    root = tmp_path_factory.mktemp("tp_adapters")
+    for i, (name, (r, targets)) in enumerate(SPECS.items()):
+        m, cfg = base_model(), LoRAConfig(r=r, alpha=2 * r, targets=targets)
+        lora.add_lora(m, cfg)
+        torch.manual_seed(10 + i)
+        for layer in lora.lora_layers(m).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+        lora.save_adapter(m, root / name, cfg)
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text(json.dumps({"r": 2, "target_modules": ["q_proj"]}))
+    return root
+
+
+def requests():
+    g = torch.Generator().manual_seed(1)
+    names = [None, "a", "b", "c", "d"]
+    return [(torch.randint(0, 259, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist(),
+             names[i % 5], 3 + i % 6) for i in range(12)]
+
+
+def serve_requests(engine, root, adapter_dir=lambda name: name):
+    """Register the adapters, submit the requests in waves between steps, run to the end.
+    Returns the new tokens, the logits of every step [rows, V] and, per step, (tokens, adapters used)."""
+    for name in SPECS:
+        engine.add_adapter(name, str(root / adapter_dir(name)))
+    logits, steps = [], []
+    forward, make_lora = engine.model.forward_paged, engine._lora
+
+    def recording_forward(batch, pool, lora_fn=None):
+        logits.append(forward(batch, pool, lora_fn).clone())
+        return logits[-1]
+
+    def recording_lora(batch, *rest):   # Engine._lora(batch, ..., names)
+        steps.append((int(batch.tokens.numel()), list(rest[-1])))
+        return make_lora(batch, *rest)
+
+    engine.model.forward_paged, engine._lora = recording_forward, recording_lora
+    reqs, ids = requests(), []
+    for i, (prompt, name, n) in enumerate(reqs):
+        ids.append(engine.submit(prompt, name, n))
+        if i % 3 == 2:
+            engine.step(), engine.step()
+    while engine.step() or engine.pending():
+        pass
+    return [engine.tokens[k][len(p):] for k, (p, _, _) in zip(ids, reqs)], torch.cat(logits), steps
+
+
+DENSE_INPUT = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]]
+
+
+def _rank(comm, root, out, bad_rank=None):
+    model = base_model()
+    shard = tp.shard_model(model, comm)
+    with torch.no_grad():   # the dense forward (training's, generate's) runs sharded too
+        dense = model(torch.tensor(DENSE_INPUT))
+    engine = tp.ShardedEngine(model, comm, shard, None, pool_pages=300)
+    tokens, logits, steps = serve_requests(engine, root, lambda n: "broken" if comm.rank == bad_rank else n)
+    save_file({"logits": logits, "dense": dense}, str(out / f"logits{comm.rank}.safetensors"))
+    (out / f"run{comm.rank}.json").write_text(json.dumps(
+        {"tokens": tokens, "steps": steps, "step_bytes": engine.step_bytes, "bytes": comm.bytes}))
+
+
+def test_two_devices_give_the_tokens_and_logits_of_one(root, tmp_path):
+    tokens, logits, steps = serve_requests(serve.Engine(base_model(), None, pool_pages=300), root)
+    with torch.no_grad():
+        dense = base_model()(torch.tensor(DENSE_INPUT))
+    tp.launch(2, _rank, root, tmp_path, timeout_s=60, device_type="cpu")
+    for k in range(2):   # every device computes the same full logits
+        run = json.loads((tmp_path / f"run{k}.json").read_text())
+        got = load_file(str(tmp_path / f"logits{k}.safetensors"))
+        assert run["tokens"] == tokens and run["steps"] == [list(s) for s in steps]
+        assert got["logits"].shape == logits.shape and (got["logits"] - logits).abs().max() < 1e-4
+        assert (got["dense"] - dense).abs().max() < 1e-4
+    assert max(len(names) for _, names in steps) >= 3                     # batches mixed several adapters
+    # Bytes per step, by hand: two all-reduces of [N, H] per layer; per LoRA target that some adapter of
+    # the step adapts, an all-gather of [W, N, ceil(r_max / W)] (q, k, v) or an all-reduce of [N, r_max] (o).
+    base = [2 * CFG.n_layers * n * CFG.dim * 4 for n, _ in steps]
+    lora_bytes = []
+    for n, names in steps:
+        per_layer = 0
+        for target in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            ranks = [SPECS[a][0] for a in names if target in SPECS[a][1]]
+            if ranks:
+                per_layer += n * (max(ranks) if target == "o_proj" else 2 * -(-max(ranks) // 2)) * 4
+        lora_bytes.append(CFG.n_layers * per_layer)
+    assert [list(b) for b in run["step_bytes"]] == [list(b) for b in zip(base, lora_bytes)]
+    assert 0 < sum(lora_bytes) < sum(base)
+
+
+def test_an_error_on_one_device_ends_the_group(root, tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(tp.TensorParallelError, match=r"rank 1: AdapterError: .*broken.*adapter_model"):
+        tp.launch(2, _rank, root, tmp_path, 1, timeout_s=60, device_type="cpu")
+    assert time.perf_counter() - start < 40          # the other device did not wait for a timeout
+    assert not (tmp_path / "run0.json").exists()
+
+
+class _NoComm:
+    """Stands in for tp.Comm where nothing is communicated."""
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    def all_reduce(self, t, kind):
+        return t
+
+
+def test_shards_tile_the_weights_and_the_adapters():
+    full, world = base_model(), 2
+    models = [base_model() for _ in range(world)]
+    shards = [tp.shard_model(m, _NoComm(k, world)) for k, m in enumerate(models)]
+    for name, dim in (("self_attn.q_proj", 0), ("self_attn.k_proj", 0), ("self_attn.o_proj", 1),
+                      ("mlp.gate_proj", 0), ("mlp.down_proj", 1)):
+        parts = [m.get_submodule(f"model.layers.1.{name}").weight for m in models]
+        assert torch.equal(torch.cat(parts, dim), full.get_submodule(f"model.layers.1.{name}").weight)
+    assert [m.model.layers[0].self_attn.cfg.n_kv_heads for m in models] == [2, 1]
+    ad = HostAdapter.random("x", CFG.n_layers, CFG.dim, {"q_proj": CFG.dim, "v_proj": CFG.kv_dim,
+                                                         "o_proj": CFG.dim}, rank=3, seed=4)
+    packed = [tp._ShardPages(ad, s) for s in shards]     # [L, 2r, H]: A rows, then B^T rows
+    q_w, kv_w = [s.q.stop - s.q.start for s in shards], [s.kv.stop - s.kv.start for s in shards]
+    assert torch.equal(packed[0]["q_proj"][:, :2], ad.a("q_proj")[:, 0::2])               # rows 0, 2 of A
+    assert torch.equal(packed[1]["q_proj"][:, :1], ad.a("q_proj")[:, 1::2])               # row 1
+    assert packed[1]["q_proj"][:, 1:3].abs().sum() == 0
+    assert torch.equal(torch.cat([p["v_proj"][:, 3:, :w] for p, w in zip(packed, kv_w)], 2), ad.bt("v_proj"))
+    assert torch.equal(torch.cat([p["o_proj"][:, :3, :w] for p, w in zip(packed, q_w)], 2), ad.a("o_proj"))
+    assert torch.equal(torch.cat([p["o_proj"][:, 3:, :CFG.dim // 2] for p in packed], 2), ad.bt("o_proj"))
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        tp.Shard.of(CFG, 0, 4)
+    with pytest.raises(ValueError, match="plain base model"):
+        m = base_model()
+        lora.add_lora(m, LoRAConfig(r=2))
+        tp.shard_model(m, _NoComm(0, 2))
