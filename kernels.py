@@ -125,16 +125,25 @@ def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales
              mask=tok_ok[:, None] & (o[None, :] < out_dim))
 
 
+def _pages_rows(pool_l, page_list, start, r):
+    """The r pool rows on pages page_list[start:start + r], [r, H]: a view when those pages are
+    consecutive (the pool allocates an adapter's pages together), else a gathered copy."""
+    first = page_list[start]
+    if page_list[start:start + r] == list(range(first, first + r)):
+        return pool_l[first:first + r]
+    return pool_l[page_list[start:start + r]]
+
+
 def lora_shrink_segments_ref(x, pool_l, page_ids, a_start, ranks, seg_starts, seg_adapter,
                              max_rank):
     """MBGMM: z[t, :r_a] = x[t] A[a]^T for the tokens t of each segment (adapter a), one matmul
     per segment with A's rows gathered from their pages; zeros past r_a and for rank 0."""
     z = torch.zeros(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
-    pages, bounds, starts, rank_of = page_ids.long(), seg_starts.tolist(), a_start.tolist(), ranks.tolist()
+    pages, bounds, starts, rank_of = page_ids.tolist(), seg_starts.tolist(), a_start.tolist(), ranks.tolist()
     for i, a in enumerate(seg_adapter.tolist()):
         r, t0, t1 = rank_of[a], bounds[i], bounds[i + 1]
         if r and t1 > t0:
-            A = pool_l[pages[starts[a]:starts[a] + r]]                               # [r, H]
+            A = _pages_rows(pool_l, pages, starts[a], r)                             # [r, H]
             z[t0:t1, :r] = x[t0:t1].float() @ A.float().T                           # [T, H] @ [H, r]
     return z
 
@@ -143,11 +152,11 @@ def lora_expand_segments_ref(z, pool_l, page_ids, b_start, ranks, scales, seg_st
                              out_dim):
     """MBGMM: delta[t] = scale[a] z[t, :r_a] B[a]^T, B^T's rows gathered from their pages."""
     delta = torch.zeros(z.shape[0], out_dim, dtype=torch.float32, device=z.device)
-    pages, bounds, starts, rank_of = page_ids.long(), seg_starts.tolist(), b_start.tolist(), ranks.tolist()
+    pages, bounds, starts, rank_of = page_ids.tolist(), seg_starts.tolist(), b_start.tolist(), ranks.tolist()
     for i, a in enumerate(seg_adapter.tolist()):
         r, t0, t1 = rank_of[a], bounds[i], bounds[i + 1]
         if r and t1 > t0:
-            Bt = pool_l[pages[starts[a]:starts[a] + r], :out_dim]                    # [r, O]
+            Bt = _pages_rows(pool_l, pages, starts[a], r)[:, :out_dim]               # [r, O]
             delta[t0:t1] = scales[a] * (z[t0:t1, :r] @ Bt.float())                   # [T, r] @ [r, O]
     return delta.to(pool_l.dtype)
 

@@ -13,7 +13,7 @@ a request needs it, stays while a running request uses it (reference count) and 
 recently used first, only when its pages are wanted. Prefetch loads the adapters of the next likely
 requests while the current batch decodes (section 4.2): on CUDA on a side stream, ordered by an event.
 
-Simplified: pages are allocated lowest index first; no swapping of KV to host; only the attention
+Simplified: KV pages are taken lowest index first, adapter pages highest first; no swapping of KV to host; only the attention
 projections q, k, v, o are servable (S-LoRA's setting, all with input width H).
 Demo: `python paging.py` prints a map of the pool (. free, K kv cache, A adapter) as it is used.
 """
@@ -59,7 +59,7 @@ class PageAllocator:
 
     def __init__(self, n_pages: int):
         self.n_pages = n_pages
-        self._free = list(range(n_pages))   # a min-heap: lowest free index first, for a readable map
+        self._free = list(range(n_pages))   # a min-heap: KV takes the lowest free pages first
         self.owner: Dict[int, str] = {}     # page -> KV or ADAPTER
 
     @property
@@ -74,7 +74,13 @@ class PageAllocator:
             raise ValueError(f"page owner must be {KV!r} or {ADAPTER!r}, got {owner!r}")
         if not self.can_allocate(n):
             raise PoolFullError(f"asked for {n} pages, only {len(self._free)} of {self.n_pages} are free")
-        pages = [heapq.heappop(self._free) for _ in range(n)]
+        if owner == KV:
+            pages = [heapq.heappop(self._free) for _ in range(n)]
+        else:   # adapters from the top: their pages then tend to be consecutive (read in place)
+            pages = sorted(heapq.nlargest(n, self._free))
+            taken = set(pages)
+            self._free = [p for p in self._free if p not in taken]
+            heapq.heapify(self._free)
         self.owner.update((p, owner) for p in pages)
         return pages
 

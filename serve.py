@@ -384,6 +384,18 @@ def replay(engine: Engine, trace: List[dict], names: List[Optional[str]], slo: f
             "decode_step": float(np.mean(decode)) if decode else float("nan"), "steps": len(engine.step_times)}
 
 
+def run_mode(engine: Engine, mode: str, trace, adapters, real: Dict[str, str], slo: float) -> dict:
+    """Register the synthetic and the real (name -> path) adapters, then replay the trace; in the
+    base mode every request runs without adapter."""
+    for ad in adapters:
+        engine.register(ad)
+    for name, path in real.items():
+        engine.add_adapter(name, path)
+    pool_names = [a.name for a in adapters] + list(real)
+    names = [None if mode == "base" else pool_names[r["adapter"] % len(pool_names)] for r in trace]
+    return replay(engine, trace, names, slo)
+
+
 def copy_bandwidth(nbytes=256 << 20) -> float:
     """Bytes per second moved by a large tensor copy (each byte read once and written once)."""
     src = torch.ones(nbytes // 4)
@@ -411,13 +423,7 @@ def benchmark(b: BenchConfig, t: TraceConfig):
     for mode in b.modes.split(","):
         engine = Engine(model, None, mode="slora" if mode == "base" else mode, policy=b.policy, pool_pages=b.pool_pages,
                         adapter_reserve=b.adapter_reserve, ttft_slo=b.slo if b.abort else None)
-        for ad in adapters:
-            engine.register(ad)
-        for name, path in real.items():
-            engine.add_adapter(name, path)
-        pool_names = [a.name for a in adapters] + list(real)
-        names = [None if mode == "base" else pool_names[r["adapter"] % len(pool_names)] for r in trace]
-        rows[mode] = replay(engine, trace, names, b.slo)
+        rows[mode] = run_mode(engine, mode, trace, adapters, real, b.slo)
         print(f"{mode:>10}: " + "  ".join(f"{k} {v:.3g}" for k, v in rows[mode].items()), flush=True)
     report(rows, model)
     return rows

@@ -308,13 +308,7 @@ def _bench_rank(comm: Comm, b, t):
     for mode in [m for m in b.modes.split(",") if m in ("slora", "base")]:
         engine = ShardedEngine(model, comm, shard, None, policy=b.policy, pool_pages=b.pool_pages,
                                ttft_slo=b.slo if b.abort else None)
-        for ad in adapters:
-            engine.register(ad)
-        for name, path in real.items():
-            engine.add_adapter(name, path)
-        pool_names = [a.name for a in adapters] + list(real)
-        names = [None if mode == "base" else pool_names[r["adapter"] % len(pool_names)] for r in trace]
-        rows[mode] = serve.replay(engine, trace, names, b.slo)
+        rows[mode] = serve.run_mode(engine, mode, trace, adapters, real, b.slo)
         base, lora = (sum(col) / len(engine.step_bytes) / 1024 for col in zip(*engine.step_bytes))
         say(f"{mode:>10}: " + "  ".join(f"{k} {v:.3g}" for k, v in rows[mode].items()), flush=True)
         say(f"{'':>10}  bytes per step and device: base {base:.1f} KiB, LoRA {lora:.1f} KiB "
