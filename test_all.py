@@ -12,10 +12,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import copy  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 import random  # noqa: E402
+import zipfile  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -27,8 +29,10 @@ import lora  # noqa: E402
 import model as M  # noqa: E402
 import serve  # noqa: E402
 import tp  # noqa: E402
+import train  # noqa: E402
 from lora import AdapterError, LoRAConfig, read_adapter  # noqa: E402
-from model import Llama, ModelConfig  # noqa: E402
+from lora import load_adapter, lora_layers  # noqa: E402
+from model import ByteTokenizer, Llama, ModelConfig  # noqa: E402
 from paging import ADAPTER, KV, HostAdapter, PageAllocator, PoolConfig, PoolFullError, UnifiedPool, kv_pages  # noqa: E402
 from scheduler import Request, RequestRejected, Scheduler, SchedulerConfig, State  # noqa: E402
 
@@ -320,6 +324,259 @@ def test_real_model_continues_sensibly(real):
     m, tok = real
     out = m.generate([tok.encode("The capital of France is")], 8, tok.eos_id)[0]
     assert "Paris" in tok.decode(out)
+
+
+# ------------------------------------------------------------------------------ fine-tuning on E2E (train.py)
+
+PAIRS = [("name[Aromi], food[Thai]", "Aromi serves Thai food."),
+         ("name[Aromi], food[Thai]", "Thai food is served at Aromi."),
+         ("name[Bibimbap], area[riverside]", "Bibimbap is by the river."),
+         ("name[Cotto], priceRange[cheap]", "Cotto is cheap."),
+         ("name[Zizzi], eatType[pub]", "Zizzi is a pub.")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread costs more in start-up than it saves."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_setup(seed=0):
+    torch.manual_seed(seed)
+    tok = ByteTokenizer()
+    base = Llama(ModelConfig.tiny(vocab_size=tok.vocab_size)).eval()
+    # With every weight at std 0.02 the logits stay within about +-1 whatever the hidden state, so
+    # no adapter could fit anything; a larger output layer gives them a trained model's range.
+    torch.nn.init.normal_(base.lm_head.weight, std=0.5)
+    examples = [train.encode_example(tok, mr, ref, 96) for mr, ref in PAIRS]
+    return base, tok, examples
+
+
+def fixed_batch_loss(net, examples):
+    tokens, mask, _ = next(train.batches(examples, len(examples), random.Random(0)))
+    net.eval()
+    with torch.no_grad():
+        return train.lm_loss(net, tokens, mask, 0.0).item()
+
+
+# ------------------------------------------------------------------------------------ data
+
+def test_csv_loader_quoted_commas_and_grouping(tmp_path):
+    path = tmp_path / "set.csv"
+    path.write_text('\ufeffmr,ref\n"name[A], food[Thai]","A serves Thai food, cheaply."\n'
+                    '"name[A], food[Thai]","Thai, at A."\n"name[B]","B, by the river."\n', encoding="utf-8")
+    rows = train.read_e2e(path)
+    assert rows == [("name[A], food[Thai]", "A serves Thai food, cheaply."), ("name[A], food[Thai]", "Thai, at A."),
+                    ("name[B]", "B, by the river.")]
+    assert train.group_refs(rows) == [("name[A], food[Thai]", ["A serves Thai food, cheaply.", "Thai, at A."]),
+                                      ("name[B]", ["B, by the river."])]
+
+
+def test_csv_loader_rejects_wrong_header(tmp_path):
+    path = tmp_path / "testset.csv"
+    path.write_text('MR\n"name[A]"\n')
+    with pytest.raises(train.DataError, match="mr,ref"):
+        train.read_e2e(path)
+
+
+def test_missing_data_message_names_files_and_url(tmp_path):
+    def offline(url, dest):
+        raise OSError("network unreachable")
+    with pytest.raises(train.DataError) as e:
+        train.ensure_data(str(tmp_path / "e2e"), fetch=offline)
+    msg = str(e.value)
+    assert train.E2E_URL in msg and "testset_w_refs.csv" in msg and "trainset.csv" in msg and "E2E_DATA" in msg
+
+
+def test_download_unpacks_nested_zip_and_falls_back_to_dev(tmp_path):
+    def fake_fetch(url, dest):
+        assert url == train.E2E_URL
+        with zipfile.ZipFile(dest, "w") as z:
+            z.writestr("e2e-dataset/devset.csv", 'mr,ref\n"name[A]","A."\n')
+            z.writestr("e2e-dataset/testset_w_refs.csv", 'mr,ref\n"name[B]","B."\n')
+    paths = train.ensure_data(str(tmp_path), fetch=fake_fetch)
+    assert paths["train"] is None and train.read_e2e(paths["test"]) == [("name[B]", "B.")]
+    assert train.load_splits(train.TrainConfig(data=str(tmp_path)), log=lambda s: None)[1] == "dev"
+
+
+def test_loss_mask_covers_exactly_the_reference_and_end_token():
+    tok = ByteTokenizer()
+    ids, n_prompt = train.encode_example(tok, "name[A]", "A.", 64)
+    assert ids == list(b"name[A]\n A.") + [tok.eos_id] and n_prompt == len("name[A]\n")
+    tokens, mask, n_real = next(train.batches([(ids, n_prompt)], 1, random.Random(0)))
+    assert tokens[0, 1:][mask[0]].tolist() == list(b" A.") + [tok.eos_id] and n_real == len(ids)
+
+
+@pytest.mark.skipif(not os.environ.get("E2E_DATA"), reason="E2E_DATA (folder with the E2E CSV files) is not set")
+def test_real_test_split_counts():
+    groups = train.group_refs(train.read_e2e(os.path.join(os.environ["E2E_DATA"], "testset_w_refs.csv")))
+    assert len(groups) == 630 and sum(len(r) for _, r in groups) == 4693
+
+
+# ------------------------------------------------------------------------------------ training
+
+def test_lora_training_lowers_loss_changes_only_lora_and_reloads(tmp_path):
+    base, tok, examples = tiny_setup()
+    cfg = train.TrainConfig(steps=40, batch_size=4, lr=3e-2, warmup=2, rank=4, dropout=0.0, log_every=100)
+    net, lcfg = train.prepare(copy.deepcopy(base), cfg)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loss0 = fixed_batch_loss(net, examples)
+    train.train(net, examples, cfg, log=lambda s: None)
+    assert fixed_batch_loss(net, examples) < 0.6 * loss0
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".lora_A." in k or ".lora_B." in k for k in changed)
+    assert len(changed) == 2 * len(lora_layers(net)) == 2 * 2 * 2    # A and B of q, v in 2 layers
+
+    train.save_adapter(net, tmp_path, lcfg)
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path)
+    fresh.eval()
+    mrs = [mr for mr, _ in PAIRS[2:]]
+    cfg_eval = train.TrainConfig(max_new_tokens=12, eval_batch=2)
+    assert train.generate_outputs(fresh, tok, mrs, cfg_eval) == train.generate_outputs(net, tok, mrs, cfg_eval)
+    tokens = torch.tensor([examples[0][0]])
+    assert torch.allclose(fresh(tokens), net(tokens), atol=1e-5)
+
+
+def test_full_method_trains_every_weight():
+    base, _, _ = tiny_setup()
+    net, lcfg = train.prepare(copy.deepcopy(base), train.TrainConfig(method="full"))
+    trainable, total = train.count_parameters(net)
+    assert lcfg is None and trainable == total == sum(p.numel() for p in base.parameters())
+
+
+def test_run_one_writes_checkpoint_predictions_and_row(tmp_path):
+    base, tok, examples = tiny_setup()
+    groups = train.group_refs(PAIRS)
+    cfg = train.TrainConfig(steps=2, batch_size=2, max_new_tokens=8, log_every=1)
+    row = train.run_one(base, tok, examples, groups, cfg, str(tmp_path), log=lambda s: None)
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len((tmp_path / "predictions.txt").read_text().split("\n")) == len(groups) + 1
+    # q: A [4, 48] + B [48, 4]; v: A [4, 48] + B [16, 4] (kv_dim 16), in 2 layers
+    assert row["trainable"] == 2 * (4 * 48 + 48 * 4 + 4 * 48 + 16 * 4) and row["checkpoint_mb"] > 0
+    assert set(train.COLUMNS) <= set(row) and "method" in train.table([row])
+
+
+def test_beam_of_one_is_greedy_and_ngram_ban():
+    base, tok, _ = tiny_setup(seed=3)
+    prompt = tok.encode("name[Aromi]\n")
+    cfg = train.TrainConfig(beam=1, no_repeat_ngram=0, max_new_tokens=10)
+    greedy = base.generate([prompt], 10, eos_id=tok.eos_id)[0]
+    assert train.beam_search(base, prompt, cfg, tok.eos_id) == [t for t in greedy if t != tok.eos_id]
+    assert train.repeated_ngram_ban([1, 2, 3, 1, 2], 3) == {3}
+    assert train.repeated_ngram_ban([1, 2, 3], 3) == set()
+    out = train.beam_search(base, prompt, train.TrainConfig(beam=3, no_repeat_ngram=2, max_new_tokens=12), tok.eos_id)
+    bigrams = list(zip(out, out[1:]))
+    assert len(bigrams) == len(set(bigrams))
+
+
+def test_cli_flags_come_from_the_config():
+    assert train.parse_args([]) == train.TrainConfig()
+    cfg = train.parse_args(["--targets", "q,k,v,o", "--eval-limit", "5", "--no-baseline", "--method", "full"])
+    assert (cfg.targets, cfg.eval_limit, cfg.no_baseline, cfg.method) == ("q,k,v,o", 5, True, "full")
+
+
+@pytest.mark.skipif(not os.environ.get("LORA_MODEL_PATH"), reason="LORA_MODEL_PATH (the real model) is not set")
+def test_real_model_lora_parameter_count():
+    net, tok = train.load_model(os.environ["LORA_MODEL_PATH"])
+    net, _ = train.prepare(net, train.TrainConfig())
+    # r=4 on q (576 -> 576) and v (576 -> 192) in 30 layers: A [4, 576] and B [out, 4] each
+    assert train.count_parameters(net)[0] == 30 * (4 * 576 + 576 * 4 + 4 * 576 + 192 * 4) == 230_400
+    ids, n_prompt = train.encode_example(tok, "name[Aromi]", "Aromi.", 64)
+    assert tok.decode(ids[n_prompt:-1]) == " Aromi." and ids[-1] == tok.eos_id
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+def test_tokenize_13a():
+    assert train.tokenize_13a("Hello, world. It costs £20-25, or 3.5!") == \
+        ["Hello", ",", "world", ".", "It", "costs", "£20", "-", "25", ",", "or", "3.5", "!"]
+    assert train.tokenize_13a("It's A&amp;B", lowercase=True) == ["it's", "a", "&", "b"]   # ' is not split
+
+
+def test_bleu_perfect_and_hand_computed():
+    refs = [["the cat is on the mat today", "there is a cat on the mat"], ["a b c d e"]]
+    assert train.bleu(["there is a cat on the mat", "a b c d e"], refs) == pytest.approx(100.0)
+    # hyp "the cat sat on the mat today" vs ref 1: p1 6/7, p2 4/6, p3 2/5, p4 1/4; equal lengths, BP 1
+    got = train.bleu(["the cat sat on the mat today"], [["the cat is on the mat today"]])
+    assert got == pytest.approx(100 * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25)
+    upper = train.bleu(["The Cat sat on the mat today"], [["the cat is on the mat today"]], lowercase=True)
+    assert upper == pytest.approx(got)
+
+
+def test_bleu_brevity_penalty_uses_closest_reference_shorter_on_ties():
+    # 4 words, references of 6 and 8: r = 6, BP = exp(1 - 6/4), every precision 1
+    assert train.bleu(["a b c d"], [["a b c d e f", "a b c d e f g h"]]) == pytest.approx(100 * math.exp(-0.5))
+    # 5 words, references of 4 and 6 are equally close: the shorter one (4) is used, so no penalty
+    assert train.bleu(["a b c d e"], [["a b c d", "a b c d e f"]]) == pytest.approx(100.0)
+
+
+def test_nist_hand_computed():
+    # one reference "a b": Info(a) = Info(b) = log2(2/1) = 1, Info(a b) = log2(1/1) = 0 -> 2/2 + 0/1
+    assert train.nist(["a b"], [["a b"]]) == pytest.approx(1.0)
+    # "a b" against "a b c": unigram info log2(3) each -> log2(3); length ratio 2/3 gives penalty 0.5
+    assert train.nist(["a b"], [["a b c"]]) == pytest.approx(0.5 * math.log2(3))
+
+
+def test_rouge_l_hand_computed():
+    # LCS("a b c d", "a c d e f") = 3: P = 3/4, R = 3/5, F = (1 + 1.2^2) P R / (R + 1.2^2 P)
+    f = 2.44 * 0.75 * 0.6 / (0.6 + 1.44 * 0.75)
+    assert train.rouge_l(["a b c d"], [["a c d e f"]]) == pytest.approx(100 * f)
+    assert train.rouge_l(["a b c d"], [["a c d e f", "a b c d"]]) == pytest.approx(100.0)
+    assert train.lcs(list("abcbdab"), list("bdcaba")) == 4
+
+
+def test_cider_hand_computed():
+    # two MRs with disjoint references: every idf is log 2, identical vectors have cosine 1 -> 10
+    refs = [["w x y z"], ["p q r s"]]
+    assert train.cider(["w x y z", "p q r s"], refs) == pytest.approx(10.0)
+    assert train.cider(["w x y z", "k l m n"], refs) == pytest.approx(5.0)
+    # one extra unseen word k (idf log 2 as well): cosines per n are 4/(2 sqrt 5), 3/(2 sqrt 3),
+    # 2/(sqrt 3 sqrt 2), 1/sqrt 2, times the length penalty exp(-1^2 / (2 * 6^2))
+    cosines = [2 / math.sqrt(5), math.sqrt(3) / 2, math.sqrt(2 / 3), 1 / math.sqrt(2)]
+    first = 10 * math.exp(-1 / 72) * sum(cosines) / 4
+    assert train.cider(["w x y z k", "p q r s"], refs) == pytest.approx((first + 10) / 2)
+
+
+def test_main_sweep_writes_results_for_every_cell(tmp_path, monkeypatch):
+    base, tok, _ = tiny_setup()
+    data = tmp_path / "e2e"
+    data.mkdir()
+    rows = "mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS)
+    (data / "devset.csv").write_text(rows)
+    (data / "testset_w_refs.csv").write_text(rows)
+    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    cfg = train.TrainConfig(data=str(data), out=str(tmp_path / "out"), sweep=True, steps=1, batch_size=2,
+                            eval_limit=2, baseline_limit=1, max_new_tokens=4)
+    lines = []
+    results = train.main(cfg, log=lines.append)
+    grid = [(r["rank"], r["targets"]) for r in results["runs"]]
+    assert grid == [(r, t) for t in ("q", "q,v", "q,k,v,o") for r in (1, 2, 4, 8, 64)]
+    assert results["train_split"] == "dev" and results["test_mrs"] == 2 and "dev" in lines[0]
+    assert results["baseline"]["method"] == "base, 1 MRs"
+    assert os.path.isfile(tmp_path / "out" / "r64_qkvo" / "adapter" / "adapter_config.json")
+    assert not lora_layers(base)                                      # the base model is never modified
+
+
+def test_main_scores_a_saved_adapter_like_the_run_that_made_it(tmp_path, monkeypatch):
+    base, tok, _ = tiny_setup()
+    data = tmp_path / "e2e"
+    data.mkdir()
+    (data / "testset_w_refs.csv").write_text("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS))
+    (data / "trainset.csv").write_text("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS))
+    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    common = dict(data=str(data), steps=3, batch_size=2, lr=3e-2, max_new_tokens=6, no_baseline=True)
+    trained = train.main(train.TrainConfig(out=str(tmp_path / "a"), **common), log=lambda s: None)
+    loaded = train.main(train.TrainConfig(out=str(tmp_path / "b"), adapter=str(tmp_path / "a" / "adapter"), **common),
+                        log=lambda s: None)
+    assert trained["train_split"] == "train"
+    assert (tmp_path / "a" / "predictions.txt").read_text() == (tmp_path / "b" / "predictions.txt").read_text()
+    run, again = trained["runs"][0], loaded["runs"][0]
+    assert (again["rank"], again["targets"], again["trainable"]) == (4, "q,v", run["trainable"])
+    assert again["BLEU"] == pytest.approx(run["BLEU"])
 
 
 # ------------------------------------------------------------------------------ kernels (kernels.py): Triton in its interpreter vs references vs dense math
