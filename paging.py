@@ -13,8 +13,9 @@ a request needs it, stays while a running request uses it (reference count) and 
 recently used first, only when its pages are wanted. Prefetch loads the adapters of the next likely
 requests while the current batch decodes (section 4.2): on CUDA on a side stream, ordered by an event.
 
-Simplified: KV pages are taken lowest index first, adapter pages highest first; no swapping of KV to host; only the attention
-projections q, k, v, o are servable (S-LoRA's setting, all with input width H).
+Simplified: KV pages are taken lowest index first, adapter pages highest first (so an adapter's pages
+are usually consecutive); no swapping of KV to host; only the attention projections q, k, v, o are
+servable (S-LoRA's setting, all with input width H).
 Demo: `python paging.py` prints a map of the pool (. free, K kv cache, A adapter) as it is used.
 """
 import argparse
