@@ -39,9 +39,12 @@ Each Triton kernel sits beside plain-PyTorch references `name_ref` that take the
 as the public `name`. The public function checks its arguments (index ranges in one host sync),
 allocates the output and runs the kernel on a GPU and the reference on a CPU; use_triton=True
 runs the kernel on a CPU too when TRITON_INTERPRET=1 was set before triton was imported (the
-tests do this). Simplified: prefill attention runs one program per query token (no tiling of
-queries as in FlashAttention); tiles are multiplied in float32 (no tensor cores), which is cheap
-next to the base GEMM because r << H.
+tests do this). The server checks a step's tables once (plan_lora) and runs all L layers through
+lora_apply: the two kernels on a GPU; on a CPU one pair of matrix products per run of tokens that
+share an adapter, on views of the pool rows (an adapter's pages are allocated together, so in
+place) - the same bytes a kernel reads. Simplified: prefill attention runs one program per query
+token (no tiling of queries as in FlashAttention); tiles are multiplied in float32 (no tensor
+cores), which is cheap next to the base GEMM because r << H.
 Demo: `python kernels.py --small` times the gathered kernels against the padded-bmm baseline
 and a per-token loop.
 """
@@ -125,13 +128,17 @@ def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales
              mask=tok_ok[:, None] & (o[None, :] < out_dim))
 
 
-def _pages_rows(pool_l, page_list, start, r):
-    """The r pool rows on pages page_list[start:start + r], [r, H]: a view when those pages are
-    consecutive (the pool allocates an adapter's pages together), else a gathered copy."""
+def _rows(page_list, start, r):
+    """Index of the r pool rows on pages page_list[start:start + r]: a slice (pool_l[rows] is a view)
+    when those pages are consecutive, as the pool allocates an adapter's pages, else the page list
+    (pool_l[rows] is a gathered copy)."""
     first = page_list[start]
-    if page_list[start:start + r] == list(range(first, first + r)):
-        return pool_l[first:first + r]
-    return pool_l[page_list[start:start + r]]
+    run = page_list[start:start + r]
+    return slice(first, first + r) if run == list(range(first, first + r)) else run
+
+
+def _pages_rows(pool_l, page_list, start, r):
+    return pool_l[_rows(page_list, start, r)]                                    # [r, H]
 
 
 def lora_shrink_segments_ref(x, pool_l, page_ids, a_start, ranks, seg_starts, seg_adapter,
@@ -217,6 +224,12 @@ def _shrink(x, pool_l, page_ids, a_start, ranks, seg_starts, seg_adapter, max_ra
     if not _want_triton(use_triton, x):
         return z.copy_(lora_shrink_segments_ref(x, pool_l, page_ids, a_start, ranks, seg_starts,
                                                 seg_adapter, max_rank))
+    return _launch_shrink(x, pool_l, page_ids, a_start, ranks, seg_starts, seg_adapter, max_rank,
+                          longest, per_token, z)
+
+
+def _launch_shrink(x, pool_l, page_ids, a_start, ranks, seg_starts, seg_adapter, max_rank, longest,
+                   per_token, z):
     x, block_t = x.contiguous(), 1 if per_token else 16
     grid = (seg_adapter.shape[0], triton.cdiv(max(longest, 1), block_t), triton.cdiv(max_rank, 16))
     _shrink_kernel[grid](x, pool_l, page_ids, a_start, ranks, seg_starts, seg_adapter, z,
@@ -252,12 +265,89 @@ def _expand(z, pool_l, page_ids, b_start, ranks, scales, seg_starts, seg_adapter
     if not _want_triton(use_triton, z):
         return delta.copy_(lora_expand_segments_ref(z, pool_l, page_ids, b_start, ranks, scales,
                                                     seg_starts, seg_adapter, out_dim))
+    return _launch_expand(z, pool_l, page_ids, b_start, ranks, scales, seg_starts, seg_adapter,
+                          out_dim, longest, per_token, delta)
+
+
+def _launch_expand(z, pool_l, page_ids, b_start, ranks, scales, seg_starts, seg_adapter, out_dim,
+                   longest, per_token, delta):
     z, block_t = z.contiguous(), 1 if per_token else 16
     grid = (seg_adapter.shape[0], triton.cdiv(max(longest, 1), block_t), triton.cdiv(out_dim, 64))
     _expand_kernel[grid](z, pool_l, page_ids, b_start, ranks, scales, seg_starts, seg_adapter,
                          delta, out_dim, z.stride(0), pool_l.stride(0), delta.stride(0),
                          BLOCK_T=block_t, BLOCK_R=16, BLOCK_O=64)
     return delta
+
+
+# ---------------------------------------------------------------- one serving step, checked once
+@dataclass
+class LoRAStep:
+    """The LoRA launches of one target for one serving step, checked once and then run for each of
+    the L layers by lora_apply (the public functions above check every call, a host sync each: too
+    many at 2 x 4 x L calls per step). `runs` serves the CPU: (t0, t1, A rows, B^T rows, scale) for
+    each run of consecutive tokens that share an adapter, rows as returned by _rows."""
+    page_ids: torch.Tensor     # the adapter tables of kernel_tables (layout above)
+    a_start: torch.Tensor
+    b_start: torch.Tensor
+    ranks: torch.Tensor
+    scales: torch.Tensor
+    seg_starts: torch.Tensor   # [G + 1]
+    seg_adapter: torch.Tensor  # [G]
+    max_rank: int
+    longest: int               # tokens of the longest segment (the grid of the kernels)
+    per_token: bool            # MBGMV (decode: one token per segment) or MBGMM (prefill)
+    runs: list
+    n_tokens: int
+
+
+def plan_lora(pool_l, page_ids, a_start, b_start, ranks, scales, seg_starts, seg_adapter, max_rank,
+              per_token=False) -> LoRAStep:
+    """Check one step's tables and segments against the pool (as the public functions do) and
+    prepare the CPU runs; pool_l [P, H] is any layer of the pool."""
+    n_tokens = int(seg_starts[-1]) if seg_starts.numel() else 0
+    for name, t in (("page_ids", page_ids), ("ranks", ranks), ("a_start", a_start), ("b_start", b_start)):
+        _check_tensor(name, t, 1, _INTS, pool_l.device, None if name in ("page_ids", "ranks") else ranks.shape[0])
+    _check_tensor("scales", scales, 1, (torch.float32,), pool_l.device, ranks.shape[0])
+    if not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+    longest = max(_check_segments(seg_starts, seg_adapter, per_token, n_tokens, pool_l, page_ids, ranks,
+                                  (name, start), max_rank) for name, start in (("a_start", a_start), ("b_start", b_start)))
+    pages, bounds, rank = page_ids.tolist(), seg_starts.tolist(), ranks.tolist()
+    a0, b0, scale = a_start.tolist(), b_start.tolist(), scales.tolist()
+    merged = []                                  # [t0, t1, slot]: equal neighbours joined
+    for i, s in enumerate(seg_adapter.tolist()):
+        if merged and merged[-1][2] == s and merged[-1][1] == bounds[i]:
+            merged[-1][1] = bounds[i + 1]
+        else:
+            merged.append([bounds[i], bounds[i + 1], s])
+    runs = [(t0, t1, _rows(pages, a0[s], rank[s]), _rows(pages, b0[s], rank[s]), scale[s])
+            for t0, t1, s in merged if rank[s] and t1 > t0]
+    return LoRAStep(page_ids, a_start, b_start, ranks, scales, seg_starts, seg_adapter, max_rank, longest,
+                    per_token, runs, n_tokens)
+
+
+def lora_apply(x, pool_l, step: LoRAStep, out_dim, use_triton: Optional[bool] = None):
+    """delta [N, out_dim] = scale[a] (x A[a]^T) B[a] for x [N, H] of one layer of a checked step: the
+    shrink and expand kernels on a GPU; on a CPU one pair of matrix products per run of tokens,
+    reading A and B^T in place from the pool (a view when the adapter's pages are consecutive)."""
+    if x.shape[0] != step.n_tokens or x.shape[1] != pool_l.shape[1] or x.dtype != pool_l.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a step of {step.n_tokens} tokens over a "
+                         f"pool of width {pool_l.shape[1]} {pool_l.dtype}")
+    if _want_triton(use_triton, x):
+        z = torch.empty(x.shape[0], step.max_rank, dtype=torch.float32, device=x.device)
+        delta = torch.empty(x.shape[0], out_dim, dtype=pool_l.dtype, device=x.device)
+        t = (step.seg_starts, step.seg_adapter)
+        _launch_shrink(x, pool_l, step.page_ids, step.a_start, step.ranks, *t, step.max_rank, step.longest,
+                       step.per_token, z)
+        return _launch_expand(z, pool_l, step.page_ids, step.b_start, step.ranks, step.scales, *t, out_dim,
+                              step.longest, step.per_token, delta)
+    x, half = x.float(), pool_l.dtype != torch.float32         # half pools: products in float32
+    delta = torch.zeros(x.shape[0], out_dim, dtype=torch.float32, device=x.device)
+    for t0, t1, a, b, scale in step.runs:
+        A, Bt = pool_l[a], pool_l[b, :out_dim]                                      # [r, H], [r, O]
+        A, Bt = (A.float(), Bt.float()) if half else (A, Bt)
+        delta[t0:t1].addmm_(x[t0:t1] @ A.T, Bt, alpha=scale)                        # += scale (x A^T) B^T
+    return delta.to(pool_l.dtype)
 
 
 # ---------------------------------------------------------------- paged attention
@@ -315,12 +405,14 @@ def _cached_kv(pool_l, block_table, seq_ids, positions, kv_dim):
 
 
 def _attend(q, k, v, allowed):
-    """softmax(q k^T / sqrt(D)) v with GQA: q [B, T, nh, D], k/v [B, n, nkv, D], allowed [B, T, n]."""
-    g = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(g, dim=2).float(), v.repeat_interleave(g, dim=2).float()  # B,n,nh,D
-    scores = torch.einsum("bthd,bnhd->bhtn", q.float(), k) / math.sqrt(q.shape[3])     # [B, nh, T, n]
-    weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
-    return torch.einsum("bhtn,bnhd->bthd", weights, v).to(q.dtype)                      # [B, T, nh, D]
+    """softmax(q k^T / sqrt(D)) v with GQA: q [B, T, nh, D], k/v [B, n, nkv, D], allowed [B, T, n].
+    Query head h = j g + i (i < g) reads K/V head j: the g heads of a group share one K/V, not copies."""
+    B, T, nh, D = q.shape
+    nkv = k.shape[2]
+    qg = q.float().view(B, T, nkv, nh // nkv, D)                                          # [B, T, nkv, g, D]
+    scores = torch.einsum("btjid,bnjd->bjitn", qg, k.float()) / math.sqrt(D)             # [B, nkv, g, T, n]
+    weights = scores.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1)
+    return torch.einsum("bjitn,bnjd->btjid", weights, v.float()).reshape(B, T, nh, D).to(q.dtype)
 
 
 def _attend_one_each(q, pool_l, block_table, seq_ids, positions, n_kv_heads):
@@ -562,6 +654,8 @@ def _random_adapters(cfg, device, dtype):
     adapter_ids = torch.randint(1, cfg.adapters + 1, (cfg.tokens,), generator=g, dtype=torch.int32)
     if cfg.shape == "prefill":   # requests of prefill_len tokens, one adapter each
         adapter_ids = adapter_ids[::cfg.prefill_len].repeat_interleave(cfg.prefill_len)[:cfg.tokens]
+    else:                        # decode: requests ordered by adapter, as serve.py's engine orders them
+        adapter_ids = adapter_ids.sort().values
     x = torch.randn(cfg.tokens, cfg.hidden, generator=g).to(dtype)
     return [t.to(device) for t in (x, pool_l, page_ids, a_start, b_start, ranks, scales,
                                    adapter_ids)]
@@ -643,6 +737,10 @@ def benchmark(cfg: BenchConfig):
         z = lora_shrink(x, pool_l, page_ids, a_start, ranks, ids, Rm)
         return lora_expand(z, pool_l, page_ids, b_start, ranks, scales, ids, H)
 
+    one_each = torch.arange(N + 1, dtype=torch.int32, device=device)
+    segments = (seg_starts, seg_adapter) if cfg.shape == "prefill" else (one_each, ids)
+    step = plan_lora(pool_l, page_ids, a_start, b_start, ranks, scales, *segments, Rm,
+                     per_token=cfg.shape != "prefill")   # the serving path: checked once per step
     used, group = torch.unique(ids, return_inverse=True)          # the batch's adapters [U]
     padded = _pad_adapters(pool_l, page_ids, a_start, b_start, ranks, used, H)
     W = torch.randn(H, H, device=device).to(x.dtype) / H ** 0.5
@@ -650,6 +748,7 @@ def benchmark(cfg: BenchConfig):
     base_label = "base GEMM x W [N,H]x[H,H]"
     variants = {
         gathered_label: gathered,
+        "checked step (lora_apply), plan excluded": lambda: lora_apply(x, pool_l, step, H),
         "bmm, padding copy included": lambda: _bmm_lora(
             x, *_pad_adapters(pool_l, page_ids, a_start, b_start, ranks, used, H), scales[used],
             group),

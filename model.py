@@ -216,8 +216,10 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, tokens, positions=None, cache: Optional[KVCache] = None, key_mask=None):
-        """tokens [B, T] -> logits [B, T, V]. key_mask [B, S]: False for padding keys."""
+    def forward(self, tokens, positions=None, cache: Optional[KVCache] = None, key_mask=None, select=None):
+        """tokens [B, T] -> logits [B, T, V]. key_mask [B, S]: False for padding keys. select [B, T] bool:
+        logits [M, V] of the M selected positions only (training scores targets; lm_head is a fifth of the
+        model's multiply-adds, so the prompt positions are skipped)."""
         c, (B, T) = self.config, tokens.shape
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -235,7 +237,7 @@ class Llama(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x if select is None else x[select]))
 
     def forward_paged(self, batch: Batch, pool, lora: Optional[Callable] = None):
         """S-LoRA's ragged step: batch of N tokens, pool [L, P, H] -> logits [R, V] (last tokens)."""

@@ -12,7 +12,9 @@ Serving modes compared on the same trace (the paper's baselines, section 7):
     no-unified  memory split statically: a KV pool of pool_pages - adapter_reserve pages, and adapter
                 memory of adapter_reserve pages in which each adapter is copied into its own freshly
                 allocated tensors when a batch needs it and freed when no running request does
-                (the fragmentation and the reloads that S-LoRA's unified pool avoids)
+                (the fragmentation and the reloads that S-LoRA's unified pool avoids); its LoRA
+                arithmetic is slora's CPU path on those tensors, so on a CPU the two modes differ
+                in memory management only
     bmm         adapters in the pool, but each step copies them into padded contiguous tensors
                 [S, H, r_max] and computes x A B with torch.bmm (padding to the largest rank)
     merged      the PEFT-style baseline: merge one adapter into the weights, batch only its
@@ -29,7 +31,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -53,6 +55,15 @@ class EngineConfig:
     prefetch: int = 4                   # adapters of the next waiting requests to load ahead
     adapter_reserve: Optional[int] = None  # no-unified: pages of adapter memory (None: half the pool)
     temperature: float = 0.0            # 0 = greedy
+
+
+class StepTime(NamedTuple):
+    """What one engine step took and read (for the benchmark's bandwidth floor)."""
+    seconds: float
+    tokens: int            # N, tokens in the batch
+    decode: bool           # every request decoding (no prompt in the step)
+    lora_numbers: int      # numbers of A and B^T read in each layer: its distinct adapters, once each
+    cached_tokens: int     # tokens whose K and V the step's attention reads
 
 
 @dataclass
@@ -85,7 +96,7 @@ class Engine:
         self.held: List[Request] = []              # merged: requests of other adapters, not yet submitted
         self.merged: Optional[str] = None
         self.originals = {}                        # merged: the base weights, restored on unmerge
-        self.step_times: List[tuple] = []          # (seconds, tokens, decode only) per step
+        self.step_times: List[StepTime] = []
         self.t0 = time.perf_counter()
 
     def now(self) -> float:
@@ -166,7 +177,10 @@ class Engine:
             self.pool.free_seq(req.id)
             if req.adapter is not None:
                 self._release(req.adapter)
-        self.step_times.append((time.perf_counter() - start, int(batch.tokens.numel()), not plan.prefill))
+        H, host = self.model.config.dim, self.pool.host
+        self.step_times.append(StepTime(time.perf_counter() - start, int(batch.tokens.numel()), not plan.prefill,
+                                        sum(host[n].rank * (H + host[n].out[t]) for n in names for t in host[n].targets),
+                                        sum(r.cache_len() for r in reqs)))
         return True
 
     def _batch(self, reqs):
@@ -202,21 +216,19 @@ class Engine:
         max_rank = max(self.pool.host[n].rank for n in names)
         if self.cfg.mode == "bmm":
             return self._lora_bmm(tables, token_slots, max_rank)
-        seg_starts = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()           # [R + 1]
+        if prefill:    # MBGMM: one segment per request, its tokens share an adapter
+            segments = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int(), seg_adapter       # [R + 1], [R]
+        else:          # MBGMV: every token its own segment
+            segments = torch.arange(len(token_slots) + 1, dtype=torch.int32, device=dev), token_slots  # [N + 1], [N]
+        steps = {target: kernels.plan_lora(self.pool.tensor[0], t.page_ids, t.a_start, t.b_start, t.ranks, t.scales,
+                                           *segments, max_rank,
+                                           per_token=not prefill) for target, t in tables.items()}
 
         def lora(x, layer, target):  # x [N, H] -> scale[a] (x A[a]) B[a]  [N, O]
-            t = tables.get(target)
-            if t is None or not bool((t.ranks > 0).any()):
+            step = steps.get(target)
+            if step is None or not step.runs:
                 return None
-            pool_l = self.pool.tensor[layer]
-            if prefill:        # MBGMM: segments of tokens sharing an adapter
-                z = kernels.lora_shrink_segments(x, pool_l, t.page_ids, t.a_start, t.ranks, seg_starts, seg_adapter,
-                                                 max_rank)
-                return kernels.lora_expand_segments(z, pool_l, t.page_ids, t.b_start, t.ranks, t.scales, seg_starts,
-                                                    seg_adapter, self.out_dim[target])
-            z = kernels.lora_shrink(x, pool_l, t.page_ids, t.a_start, t.ranks, token_slots, max_rank)  # MBGMV
-            return kernels.lora_expand(z, pool_l, t.page_ids, t.b_start, t.ranks, t.scales, token_slots,
-                                       self.out_dim[target])
+            return kernels.lora_apply(x, self.pool.tensor[layer], step, self.out_dim[target])
         return lora
 
     def _lora_bmm(self, tables, token_slots, max_rank):
@@ -242,18 +254,20 @@ class Engine:
         return lora
 
     def _lora_loose(self, names, token_slots):
-        """Baseline without unified paging: each adapter in its own tensors, one matmul per adapter."""
+        """Baseline without unified paging: each adapter in its own tensors, one pair of matrix products
+        per run of tokens that share an adapter (the CPU path of kernels.lora_apply, on these tensors)."""
+        slots, counts = torch.unique_consecutive(token_slots, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        runs = [(end - n, end, names[s - 1]) for s, n, end in zip(slots.tolist(), counts.tolist(), ends) if s > 0]
+
         def lora(x, layer, target):
-            out = None
-            for s, name in enumerate(names, start=1):
+            delta = None
+            for t0, t1, name in runs:
                 ad = self.loose[name]
-                if target not in ad["A"]:
-                    continue
-                rows = token_slots == s
-                delta = (x[rows] @ ad["A"][target][layer].T) @ ad["Bt"][target][layer] * ad["scale"]
-                out = x.new_zeros(x.shape[0], self.out_dim[target]) if out is None else out
-                out[rows] = delta
-            return out
+                if target in ad["A"]:
+                    delta = x.new_zeros(x.shape[0], self.out_dim[target]) if delta is None else delta
+                    delta[t0:t1].addmm_(x[t0:t1] @ ad["A"][target][layer].T, ad["Bt"][target][layer], alpha=ad["scale"])
+            return delta
         return lora
 
     def _acquire(self, name):
@@ -375,13 +389,18 @@ def replay(engine: Engine, trace: List[dict], names: List[Optional[str]], slo: f
     reqs = [engine.requests[k] for k in ids]
     done = [r for r in reqs if r.state == State.FINISHED]
     span = max(r.finished_at for r in reqs if r.finished_at is not None) - trace[0]["arrival"]
-    decode = [s for s, n, only_decode in engine.step_times if only_decode]
+    decode = [st for st in engine.step_times if st.decode]
+    mc, elem = engine.model.config, engine.pool.tensor.element_size()
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")   # noqa: E731
     return {"req/s": len(done) / span, "tok/s": sum(r.n_generated for r in done) / span,
             "latency": float(np.mean([r.finished_at - r.arrival for r in done])),
             "ttft": float(np.mean([r.first_token_at - r.arrival for r in done])),
             "slo": sum(r.first_token_at - r.arrival <= slo for r in done) / len(reqs),
             "aborted": sum(r.state == State.ABORTED for r in reqs),
-            "decode_step": float(np.mean(decode)) if decode else float("nan"), "steps": len(engine.step_times)}
+            "decode_step": mean([st.seconds for st in decode]),
+            "lora_mib": mean([st.lora_numbers * mc.n_layers * elem / 2**20 for st in decode]),
+            "kv_mib": mean([st.cached_tokens * 2 * mc.kv_dim * mc.n_layers * elem / 2**20 for st in decode]),
+            "steps": len(engine.step_times)}
 
 
 def run_mode(engine: Engine, mode: str, trace, adapters, real: Dict[str, str], slo: float) -> dict:
@@ -441,9 +460,14 @@ def report(rows, model):
         if other in rows:
             print(f"slora / {other} throughput: {rows['slora']['req/s'] / rows[other]['req/s']:.2f}x")
     bw, weights = copy_bandwidth(), sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"decode step floor: {weights / 2**20:.0f} MiB of weights / {bw / 2**30:.1f} GiB/s copy bandwidth = "
-          f"{1000 * weights / bw:.0f} ms; slora decode step {1000 * rows['slora']['decode_step']:.0f} ms "
-          f"({rows['slora']['decode_step'] * bw / weights:.1f}x the floor)")
+    r = rows["slora"]
+    lora, kv = r["lora_mib"] * 2**20, r["kv_mib"] * 2**20
+    floor = (weights + lora + kv) / bw
+    print(f"slora decode step {1000 * r['decode_step']:.0f} ms; bandwidth floor = (weights {weights / 2**20:.0f} MiB "
+          f"+ adapters {lora / 2**20:.0f} MiB + KV cache {kv / 2**20:.0f} MiB) / copy bandwidth {bw / 2**30:.1f} GiB/s "
+          f"= {1000 * floor:.0f} ms: {r['decode_step'] / floor:.1f}x the floor")
+    print(f"the adapters a decode step reads are {lora / weights:.2f} of the base weights: at the floor a slora step "
+          f"costs {(weights + lora + kv) / (weights + kv):.2f}x a base-model step")
 
 
 def _parse() -> tuple:

@@ -712,6 +712,42 @@ def test_every_output_element_is_written():
     assert torch.isfinite(a).all() and torch.isfinite(p).all()
 
 
+@pytest.mark.parametrize("per_token,dtype", [(True, torch.float32), (False, torch.float32), (False, torch.bfloat16)])
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_checked_step_equals_dense_lora_on_cpu_and_in_triton(per_token, dtype, consecutive):
+    """plan_lora + lora_apply (the serving path): its CPU runs read A and B^T as views of consecutive
+    pages or gather shuffled ones; both, and the kernels, equal the dense formula."""
+    H, O, ranks = 40, 24, [0, 3, 17, 8]
+    ad = make_lora(H, O, ranks, dtype, seed=7)
+    if consecutive:   # the same numbers moved so that each slot's A rows, then its B^T rows, are adjacent pages
+        order = torch.cat([ad.page_ids[st:st + r].long() for s, r in enumerate(ranks)
+                           for st in (int(ad.a_start[s]), int(ad.b_start[s]))])
+        pool = torch.cat([ad.pool[order], torch.randn(5, H, device=DEV).to(dtype)])
+        ad.page_ids = torch.arange(len(order), dtype=torch.int32, device=DEV)
+        starts = torch.tensor([0] + [2 * r for r in ranks[:-1]]).cumsum(0).int().to(DEV)
+        ad.pool, ad.a_start, ad.b_start = pool, starts, starts + ad.ranks
+    ids = torch.tensor([2, 2, 0, 1, 1, 1, 3, 2, 2], dtype=torch.int32, device=DEV)   # sorted runs and a repeat
+    x = torch.randn(len(ids), H, device=DEV).to(dtype)
+    if per_token:
+        segments = torch.arange(len(ids) + 1, dtype=torch.int32, device=DEV), ids
+    else:
+        segments = (torch.tensor([0, 2, 3, 6, 7, 9], dtype=torch.int32, device=DEV),
+                    torch.tensor([2, 0, 1, 3, 2], dtype=torch.int32, device=DEV))
+    step = kernels.plan_lora(ad.pool, ad.page_ids, ad.a_start, ad.b_start, ad.ranks, ad.scales, *segments, 17,
+                             per_token=per_token)
+    assert [(t0, t1) for t0, t1, *_ in step.runs] == [(0, 2), (3, 6), (6, 7), (7, 9)]   # base run skipped
+    assert all(isinstance(rows, slice) == consecutive for run in step.runs for rows in run[2:4])
+    want = dense_lora(x, ad, ids)
+    for use_triton in (False, True):
+        delta = kernels.lora_apply(x, ad.pool, step, O, use_triton=use_triton)
+        assert delta.dtype == dtype
+        torch.testing.assert_close(delta.double(), want, **TOL[dtype])
+    with pytest.raises(ValueError, match=r"page_ids\[\d+\] = \d+ is outside \[0, 30\)"):   # checked once, here
+        kernels.plan_lora(ad.pool[:30], ad.page_ids, ad.a_start, ad.b_start, ad.ranks, ad.scales, *segments, 17)
+    with pytest.raises(ValueError, match="does not fit a step of 9 tokens"):
+        kernels.lora_apply(x[:5], ad.pool, step, O)
+
+
 def test_bad_arguments_raise_clear_errors():
     ad = make_lora(16, 16, [0, 2, 3], torch.float32, seed=5)
     x, ids = torch.randn(4, 16, device=DEV), torch.tensor([0, 1, 2, 1], device=DEV)
@@ -1229,7 +1265,7 @@ def test_full_pool_makes_requests_wait_and_loses_nothing(served):
     reqs = mixed_requests(10, seed=3)
     out = engine.generate([p for p, _, _ in reqs], [a for _, a, _ in reqs], 6)
     assert out == [merged_alone(base, root, p, a, 6) for p, a, _ in reqs]
-    assert max(n for _, n, _ in engine.step_times) < sum(len(p) for p, _, _ in reqs)   # never all at once
+    assert max(st.tokens for st in engine.step_times) < sum(len(p) for p, _, _ in reqs)   # never all at once
     assert engine.pool.stats().kv == 0
 
 

@@ -193,8 +193,8 @@ def prepare(net, cfg: TrainConfig):
 
 def lm_loss(net, tokens, mask, label_smoothing):
     """Cross-entropy of the next token at the masked (target) positions, with label smoothing."""
-    logits = net(tokens[:, :-1])                                   # [B, T-1, V]
-    return F.cross_entropy(logits[mask], tokens[:, 1:][mask], label_smoothing=label_smoothing)
+    logits = net(tokens[:, :-1], select=mask)                      # [M, V]: the M target positions
+    return F.cross_entropy(logits, tokens[:, 1:][mask], label_smoothing=label_smoothing)
 
 
 def train(net, examples, cfg: TrainConfig, log=print) -> dict:
