@@ -137,10 +137,6 @@ def _rows(page_list, start, r):
     return slice(first, first + r) if run == list(range(first, first + r)) else run
 
 
-def _pages_rows(pool_l, page_list, start, r):
-    return pool_l[_rows(page_list, start, r)]                                    # [r, H]
-
-
 def lora_shrink_segments_ref(x, pool_l, page_ids, a_start, ranks, seg_starts, seg_adapter,
                              max_rank):
     """MBGMM: z[t, :r_a] = x[t] A[a]^T for the tokens t of each segment (adapter a), one matmul
@@ -150,7 +146,7 @@ def lora_shrink_segments_ref(x, pool_l, page_ids, a_start, ranks, seg_starts, se
     for i, a in enumerate(seg_adapter.tolist()):
         r, t0, t1 = rank_of[a], bounds[i], bounds[i + 1]
         if r and t1 > t0:
-            A = _pages_rows(pool_l, pages, starts[a], r)                             # [r, H]
+            A = pool_l[_rows(pages, starts[a], r)]                                   # [r, H]
             z[t0:t1, :r] = x[t0:t1].float() @ A.float().T                           # [T, H] @ [H, r]
     return z
 
@@ -163,7 +159,7 @@ def lora_expand_segments_ref(z, pool_l, page_ids, b_start, ranks, scales, seg_st
     for i, a in enumerate(seg_adapter.tolist()):
         r, t0, t1 = rank_of[a], bounds[i], bounds[i + 1]
         if r and t1 > t0:
-            Bt = _pages_rows(pool_l, pages, starts[a], r)[:, :out_dim]               # [r, O]
+            Bt = pool_l[_rows(pages, starts[a], r)][:, :out_dim]                     # [r, O]
             delta[t0:t1] = scales[a] * (z[t0:t1, :r] @ Bt.float())                   # [T, r] @ [r, O]
     return delta.to(pool_l.dtype)
 
