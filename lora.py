@@ -19,7 +19,7 @@ Demo: `python lora.py` wraps a small linear layer and shows merge/unmerge.
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -28,7 +28,6 @@ Demo: `python serve.py --adapters 100`. Letters: N tokens of a step, R requests,
 """
 import argparse
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, NamedTuple, Optional
@@ -38,7 +37,8 @@ import torch
 
 import kernels
 from lora import AdapterError
-from model import Batch, Llama, ModelConfig, load_model, sample
+from checkpoints import load_model
+from model import Batch, Llama, ModelConfig, sample
 from paging import SERVABLE, HostAdapter, PoolConfig, UnifiedPool
 from scheduler import Request, RequestRejected, Scheduler, SchedulerConfig, State
 

@@ -26,13 +26,16 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import kernels  # noqa: E402
 import lora  # noqa: E402
+import checkpoints as C  # noqa: E402
+import e2e  # noqa: E402
 import model as M  # noqa: E402
 import serve  # noqa: E402
 import tp  # noqa: E402
 import train  # noqa: E402
 from lora import AdapterError, LoRAConfig, read_adapter  # noqa: E402
 from lora import load_adapter, lora_layers  # noqa: E402
-from model import ByteTokenizer, Llama, ModelConfig  # noqa: E402
+from checkpoints import ByteTokenizer  # noqa: E402
+from model import Llama, ModelConfig  # noqa: E402
 from paging import ADAPTER, KV, HostAdapter, PageAllocator, PoolConfig, PoolFullError, UnifiedPool, kv_pages  # noqa: E402
 from scheduler import Request, RequestRejected, Scheduler, SchedulerConfig, State  # noqa: E402
 
@@ -49,7 +52,7 @@ def tiny_llama(seed=0, **kw):
 def real():
     if not REAL_MODEL:
         pytest.skip("LORA_MODEL_PATH not set (path of the SmolLM2 GGUF)")
-    return M.load_model(REAL_MODEL)
+    return C.load_model(REAL_MODEL)
 
 
 def randomize_lora(model, seed=1):
@@ -222,18 +225,18 @@ def test_rope_rotates_pairs_by_position():
 
 def tiny_bpe_tokenizer():
     """Byte tokens plus two merges ('a','b') -> 'ab', ('ab','c') -> 'abc', and two specials."""
-    u = M.bytes_to_unicode()
+    u = C.bytes_to_unicode()
     tokens = [u[b] for b in range(256)] + ["ab", "abc", "<|endoftext|>", "<|im_end|>"]
-    return M.Tokenizer(tokens, [258, 259], ["a b", "ab c"], M.GPT2_PATTERN, 258, 259)
+    return C.Tokenizer(tokens, [258, 259], ["a b", "ab c"], C.GPT2_PATTERN, 258, 259)
 
 
 def test_hf_format_round_trip(tmp_path):
     tok = tiny_bpe_tokenizer()
     m = tiny_llama(vocab_size=tok.vocab_size)
-    M.save_hf(m, tmp_path, tok)
+    C.save_hf(m, tmp_path, tok)
     conf = json.loads((tmp_path / "config.json").read_text())
     assert conf["model_type"] == "llama" and conf["num_key_value_heads"] == 2
-    m2, tok2 = M.load_model(str(tmp_path))
+    m2, tok2 = C.load_model(str(tmp_path))
     for k, v in m.state_dict().items():
         assert torch.equal(v, m2.state_dict()[k]), k
     assert tok2.encode("abcab c<|im_end|>", allow_special=True) == tok.encode("abcab c<|im_end|>", allow_special=True)
@@ -258,7 +261,7 @@ def test_gguf_loading_matches_the_hf_layout(tmp_path):
     w.add_layer_norm_rms_eps(c.norm_eps), w.add_rope_freq_base(c.rope_theta)
     w.add_tokenizer_model("gpt2"), w.add_token_list(tok.tokens), w.add_token_merges(tok.merges)
     w.add_token_types([1] * 258 + [3, 3]), w.add_bos_token_id(258), w.add_eos_token_id(259)
-    inverse = {v: k for k, v in M.GGUF_NAMES.items()}
+    inverse = {v: k for k, v in C.GGUF_NAMES.items()}
     for name, t in m.state_dict().items():
         t = t.numpy()
         if name.startswith("model.layers."):
@@ -275,7 +278,7 @@ def test_gguf_loading_matches_the_hf_layout(tmp_path):
         else:
             w.add_tensor(gname, t.astype(np.float16) if "mlp" in name else t)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    loaded, tok2 = M.load_model(path)
+    loaded, tok2 = C.load_model(path)
     for name, want in m.state_dict().items():
         got = loaded.state_dict()[name]
         if ".layers.0." in name and name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "up_proj"):
@@ -289,7 +292,7 @@ def test_gguf_loading_matches_the_hf_layout(tmp_path):
 
 
 def test_byte_tokenizer():
-    t = M.ByteTokenizer()
+    t = C.ByteTokenizer()
     ids = t.encode("hé<|im_end|>x", allow_special=True)
     assert ids == [104, 195, 169, t.special["<|im_end|>"], 120]
     assert t.decode(ids) == "hé<|im_end|>x"
@@ -368,37 +371,37 @@ def test_csv_loader_quoted_commas_and_grouping(tmp_path):
     path = tmp_path / "set.csv"
     path.write_text('\ufeffmr,ref\n"name[A], food[Thai]","A serves Thai food, cheaply."\n'
                     '"name[A], food[Thai]","Thai, at A."\n"name[B]","B, by the river."\n', encoding="utf-8")
-    rows = train.read_e2e(path)
+    rows = e2e.read_e2e(path)
     assert rows == [("name[A], food[Thai]", "A serves Thai food, cheaply."), ("name[A], food[Thai]", "Thai, at A."),
                     ("name[B]", "B, by the river.")]
-    assert train.group_refs(rows) == [("name[A], food[Thai]", ["A serves Thai food, cheaply.", "Thai, at A."]),
+    assert e2e.group_refs(rows) == [("name[A], food[Thai]", ["A serves Thai food, cheaply.", "Thai, at A."]),
                                       ("name[B]", ["B, by the river."])]
 
 
 def test_csv_loader_rejects_wrong_header(tmp_path):
     path = tmp_path / "testset.csv"
     path.write_text('MR\n"name[A]"\n')
-    with pytest.raises(train.DataError, match="mr,ref"):
-        train.read_e2e(path)
+    with pytest.raises(e2e.DataError, match="mr,ref"):
+        e2e.read_e2e(path)
 
 
 def test_missing_data_message_names_files_and_url(tmp_path):
     def offline(url, dest):
         raise OSError("network unreachable")
-    with pytest.raises(train.DataError) as e:
-        train.ensure_data(str(tmp_path / "e2e"), fetch=offline)
+    with pytest.raises(e2e.DataError) as e:
+        e2e.ensure_data(str(tmp_path / "e2e"), fetch=offline)
     msg = str(e.value)
-    assert train.E2E_URL in msg and "testset_w_refs.csv" in msg and "trainset.csv" in msg and "E2E_DATA" in msg
+    assert e2e.E2E_URL in msg and "testset_w_refs.csv" in msg and "trainset.csv" in msg and "E2E_DATA" in msg
 
 
 def test_download_unpacks_nested_zip_and_falls_back_to_dev(tmp_path):
     def fake_fetch(url, dest):
-        assert url == train.E2E_URL
+        assert url == e2e.E2E_URL
         with zipfile.ZipFile(dest, "w") as z:
             z.writestr("e2e-dataset/devset.csv", 'mr,ref\n"name[A]","A."\n')
             z.writestr("e2e-dataset/testset_w_refs.csv", 'mr,ref\n"name[B]","B."\n')
-    paths = train.ensure_data(str(tmp_path), fetch=fake_fetch)
-    assert paths["train"] is None and train.read_e2e(paths["test"]) == [("name[B]", "B.")]
+    paths = e2e.ensure_data(str(tmp_path), fetch=fake_fetch)
+    assert paths["train"] is None and e2e.read_e2e(paths["test"]) == [("name[B]", "B.")]
     assert train.load_splits(train.TrainConfig(data=str(tmp_path)), log=lambda s: None)[1] == "dev"
 
 
@@ -412,7 +415,7 @@ def test_loss_mask_covers_exactly_the_reference_and_end_token():
 
 @pytest.mark.skipif(not os.environ.get("E2E_DATA"), reason="E2E_DATA (folder with the E2E CSV files) is not set")
 def test_real_test_split_counts():
-    groups = train.group_refs(train.read_e2e(os.path.join(os.environ["E2E_DATA"], "testset_w_refs.csv")))
+    groups = e2e.group_refs(e2e.read_e2e(os.path.join(os.environ["E2E_DATA"], "testset_w_refs.csv")))
     assert len(groups) == 630 and sum(len(r) for _, r in groups) == 4693
 
 
@@ -450,7 +453,7 @@ def test_full_method_trains_every_weight():
 
 def test_run_one_writes_checkpoint_predictions_and_row(tmp_path):
     base, tok, examples = tiny_setup()
-    groups = train.group_refs(PAIRS)
+    groups = e2e.group_refs(PAIRS)
     cfg = train.TrainConfig(steps=2, batch_size=2, max_new_tokens=8, log_every=1)
     row = train.run_one(base, tok, examples, groups, cfg, str(tmp_path), log=lambda s: None)
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
@@ -492,53 +495,53 @@ def test_real_model_lora_parameter_count():
 # ------------------------------------------------------------------------------------ metrics
 
 def test_tokenize_13a():
-    assert train.tokenize_13a("Hello, world. It costs £20-25, or 3.5!") == \
+    assert e2e.tokenize_13a("Hello, world. It costs £20-25, or 3.5!") == \
         ["Hello", ",", "world", ".", "It", "costs", "£20", "-", "25", ",", "or", "3.5", "!"]
-    assert train.tokenize_13a("It's A&amp;B", lowercase=True) == ["it's", "a", "&", "b"]   # ' is not split
+    assert e2e.tokenize_13a("It's A&amp;B", lowercase=True) == ["it's", "a", "&", "b"]   # ' is not split
 
 
 def test_bleu_perfect_and_hand_computed():
     refs = [["the cat is on the mat today", "there is a cat on the mat"], ["a b c d e"]]
-    assert train.bleu(["there is a cat on the mat", "a b c d e"], refs) == pytest.approx(100.0)
+    assert e2e.bleu(["there is a cat on the mat", "a b c d e"], refs) == pytest.approx(100.0)
     # hyp "the cat sat on the mat today" vs ref 1: p1 6/7, p2 4/6, p3 2/5, p4 1/4; equal lengths, BP 1
-    got = train.bleu(["the cat sat on the mat today"], [["the cat is on the mat today"]])
+    got = e2e.bleu(["the cat sat on the mat today"], [["the cat is on the mat today"]])
     assert got == pytest.approx(100 * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25)
-    upper = train.bleu(["The Cat sat on the mat today"], [["the cat is on the mat today"]], lowercase=True)
+    upper = e2e.bleu(["The Cat sat on the mat today"], [["the cat is on the mat today"]], lowercase=True)
     assert upper == pytest.approx(got)
 
 
 def test_bleu_brevity_penalty_uses_closest_reference_shorter_on_ties():
     # 4 words, references of 6 and 8: r = 6, BP = exp(1 - 6/4), every precision 1
-    assert train.bleu(["a b c d"], [["a b c d e f", "a b c d e f g h"]]) == pytest.approx(100 * math.exp(-0.5))
+    assert e2e.bleu(["a b c d"], [["a b c d e f", "a b c d e f g h"]]) == pytest.approx(100 * math.exp(-0.5))
     # 5 words, references of 4 and 6 are equally close: the shorter one (4) is used, so no penalty
-    assert train.bleu(["a b c d e"], [["a b c d", "a b c d e f"]]) == pytest.approx(100.0)
+    assert e2e.bleu(["a b c d e"], [["a b c d", "a b c d e f"]]) == pytest.approx(100.0)
 
 
 def test_nist_hand_computed():
     # one reference "a b": Info(a) = Info(b) = log2(2/1) = 1, Info(a b) = log2(1/1) = 0 -> 2/2 + 0/1
-    assert train.nist(["a b"], [["a b"]]) == pytest.approx(1.0)
+    assert e2e.nist(["a b"], [["a b"]]) == pytest.approx(1.0)
     # "a b" against "a b c": unigram info log2(3) each -> log2(3); length ratio 2/3 gives penalty 0.5
-    assert train.nist(["a b"], [["a b c"]]) == pytest.approx(0.5 * math.log2(3))
+    assert e2e.nist(["a b"], [["a b c"]]) == pytest.approx(0.5 * math.log2(3))
 
 
 def test_rouge_l_hand_computed():
     # LCS("a b c d", "a c d e f") = 3: P = 3/4, R = 3/5, F = (1 + 1.2^2) P R / (R + 1.2^2 P)
     f = 2.44 * 0.75 * 0.6 / (0.6 + 1.44 * 0.75)
-    assert train.rouge_l(["a b c d"], [["a c d e f"]]) == pytest.approx(100 * f)
-    assert train.rouge_l(["a b c d"], [["a c d e f", "a b c d"]]) == pytest.approx(100.0)
-    assert train.lcs(list("abcbdab"), list("bdcaba")) == 4
+    assert e2e.rouge_l(["a b c d"], [["a c d e f"]]) == pytest.approx(100 * f)
+    assert e2e.rouge_l(["a b c d"], [["a c d e f", "a b c d"]]) == pytest.approx(100.0)
+    assert e2e.lcs(list("abcbdab"), list("bdcaba")) == 4
 
 
 def test_cider_hand_computed():
     # two MRs with disjoint references: every idf is log 2, identical vectors have cosine 1 -> 10
     refs = [["w x y z"], ["p q r s"]]
-    assert train.cider(["w x y z", "p q r s"], refs) == pytest.approx(10.0)
-    assert train.cider(["w x y z", "k l m n"], refs) == pytest.approx(5.0)
+    assert e2e.cider(["w x y z", "p q r s"], refs) == pytest.approx(10.0)
+    assert e2e.cider(["w x y z", "k l m n"], refs) == pytest.approx(5.0)
     # one extra unseen word k (idf log 2 as well): cosines per n are 4/(2 sqrt 5), 3/(2 sqrt 3),
     # 2/(sqrt 3 sqrt 2), 1/sqrt 2, times the length penalty exp(-1^2 / (2 * 6^2))
     cosines = [2 / math.sqrt(5), math.sqrt(3) / 2, math.sqrt(2 / 3), 1 / math.sqrt(2)]
     first = 10 * math.exp(-1 / 72) * sum(cosines) / 4
-    assert train.cider(["w x y z k", "p q r s"], refs) == pytest.approx((first + 10) / 2)
+    assert e2e.cider(["w x y z k", "p q r s"], refs) == pytest.approx((first + 10) / 2)
 
 
 def test_main_sweep_writes_results_for_every_cell(tmp_path, monkeypatch):

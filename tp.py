@@ -48,7 +48,8 @@ import torch.nn as nn
 
 import kernels
 import serve
-from model import Llama, ModelConfig, load_model
+from checkpoints import load_model
+from model import Llama, ModelConfig
 from paging import HostAdapter
 
 PEER_GRACE_S = 2.0   # a device that lost its peers waits so long, so that the peer's own error is reported
