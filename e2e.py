@@ -14,6 +14,7 @@ Data: the challenge's CSV files (columns mr,ref), downloaded from its release wh
 Demo: `python -c "import e2e; print(e2e.bleu(['a cat sat'], [['a cat sat']]))"` (100.0).
 """
 import csv
+import io
 import math
 import os
 import re
@@ -62,12 +63,27 @@ def ensure_data(root, fetch=http_fetch) -> dict:
 
 
 def read_e2e(path) -> list:
-    """[(mr, ref)] from an E2E CSV with columns mr,ref (quoted fields may hold commas)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"mr", "ref"} <= set(reader.fieldnames):
-            raise DataError(f"{path}: expected a header with columns mr,ref, got {reader.fieldnames}")
-        return [(row["mr"].strip(), row["ref"].strip()) for row in reader]
+    """[(mr, ref)] from an E2E CSV with columns mr,ref (quoted fields may hold commas); DataError
+    naming the file and line for bytes that are not UTF-8, a missing cell, or no rows at all."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 (byte {raw[e.start]:#x}); save the file as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or not {"mr", "ref"} <= set(reader.fieldnames):
+        raise DataError(f"{path}: expected a header with columns mr,ref, got {reader.fieldnames}")
+    rows = []
+    for row in reader:
+        mr, ref = (row[k].strip() if isinstance(row[k], str) else "" for k in ("mr", "ref"))
+        if not mr or not ref:
+            raise DataError(f"{path}, line {reader.line_num}: the {'mr' if not mr else 'ref'} cell is empty or missing")
+        rows.append((mr, ref))
+    if not rows:
+        raise DataError(f"{path}: a header and no rows")
+    return rows
 
 
 def group_refs(rows) -> list:

@@ -14,8 +14,9 @@ Checkpoints and the tokenizer are read and written by checkpoints.py.
 Simplified: no KV-cache quantization, no sliding-window attention.
 Demo: `python checkpoints.py --prompt "The capital of France is"` loads SmolLM2 into this model.
 
-Letters: B batch, T tokens per row, S keys, N tokens of a ragged batch, R requests,
-H model dim, nh query heads, nkv key/value heads, hd head dim, g = nh // nkv, V vocabulary.
+Letters (the README's glossary): B batch rows, T tokens per row, n keys (cached positions),
+N tokens of a ragged batch, R requests, H model dim, nh query heads, nkv key/value heads,
+hd head dim, g = nh // nkv, V vocabulary, L layers, P pool pages.
 """
 import math
 from dataclasses import dataclass
@@ -145,14 +146,14 @@ class Attention(nn.Module):
         self.all_reduce: Optional[Callable] = None   # tp.py: sums o_proj's partial outputs
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        """x [B, T, H]; cos, sin [B, 1, T, hd]; mask [B, 1, T, S] (True = may attend)."""
+        """x [B, T, H]; cos, sin [B, 1, T, hd]; mask [B, 1, T, n] (True = may attend)."""
         c, (B, T, _) = self.cfg, x.shape
         q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)     # [B, nh, T, hd]
         k = self.k_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
         v = self.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # [B, nkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.append(layer, k, v)                                       # [B, nkv, S, hd]
+            k, v = cache.append(layer, k, v)                                       # [B, nkv, n, hd]
         g = c.n_heads // c.n_kv_heads                                  # K/V head j serves
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)   # q heads j*g..j*g+g-1
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                # [B, nh, T, hd]
@@ -208,7 +209,7 @@ class LlamaModel(nn.Module):
 
 
 class KVCache:
-    """Contiguous K/V buffers for batched generation: k, v [L, B, nkv, S_max, hd]."""
+    """Contiguous K/V buffers for batched generation: k, v [L, B, nkv, n_max, hd]."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -216,7 +217,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0   # tokens stored (advanced by Llama.forward after all layers)
 
-    def append(self, layer, k, v):  # k, v [B, nkv, T, hd] -> all keys so far [B, nkv, S, hd]
+    def append(self, layer, k, v):  # k, v [B, nkv, T, hd] -> all keys so far [B, nkv, n, hd]
         s, T = self.length, k.shape[2]
         self.k[layer, :, :, s:s + T], self.v[layer, :, :, s:s + T] = k, v
         return self.k[layer, :, :, :s + T], self.v[layer, :, :, :s + T]
@@ -247,7 +248,7 @@ class Llama(nn.Module):
 
     def forward(self, tokens, positions=None, cache: Optional[KVCache] = None, key_mask=None,
                 select=None):
-        """tokens [B, T] -> logits [B, T, V]. key_mask [B, S]: False for padding keys.
+        """tokens [B, T] -> logits [B, T, V]. key_mask [B, n]: False for padding keys.
         select [B, T] bool: logits [M, V] of the M selected positions only (training scores
         targets; lm_head is a fifth of the model's multiply-adds, so prompt positions are skipped)."""
         c, (B, T) = self.config, tokens.shape
@@ -256,7 +257,7 @@ class Llama(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         q_idx = torch.arange(start, start + T, device=tokens.device)
         k_idx = torch.arange(start + T, device=tokens.device)
-        mask = (k_idx[None, :] <= q_idx[:, None])[None, None]                # causal [1, 1, T, S]
+        mask = (k_idx[None, :] <= q_idx[:, None])[None, None]                # causal [1, 1, T, n]
         if key_mask is not None:  # a query always sees itself, so padded rows stay finite
             mask = mask & key_mask[:, None, None, :start + T] | (k_idx[None, :] == q_idx[:, None])
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [B, T, hd]
@@ -318,3 +319,44 @@ def sample(logits, temperature, generator=None):
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its next token (OpenAI's fields): greedy at temperature 0; else the
+    top_k most likely tokens, then the smallest set whose probability reaches top_p (nucleus),
+    renormalised, sampled with the request's own generator (seeded: the same text whatever else
+    shares its batch)."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    seed: Optional[int] = None
+
+    def check(self) -> Optional[str]:
+        """The reason these parameters are invalid, or None."""
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            return f"temperature must be a finite number >= 0, got {self.temperature!r}"
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            return f"top_p must be in (0, 1], got {self.top_p!r}"
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            return f"top_k must be a positive integer, got {self.top_k!r}"
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            return f"seed must be an integer, got {self.seed!r}"
+        return None
+
+
+def sample_one(logits, params: SamplingParams, generator: Optional[torch.Generator] = None) -> int:
+    """One request's next token from its logits [V]."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)           # [V]
+    if params.top_k is not None and params.top_k < probs.numel():
+        kth = probs.topk(params.top_k).values[-1]
+        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < params.top_p * sorted_p.sum()       # mass before < p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

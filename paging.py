@@ -1,46 +1,79 @@
-"""Unified Paging: one memory pool for KV cache and LoRA adapters (S-LoRA, arXiv 2311.03285, section 4).
+"""Unified Paging: one memory pool for the KV cache and the LoRA adapters (S-LoRA, arXiv
+2311.03285, section 4).
 
-S-LoRA serves thousands of adapters with one base model. Adapters of different ranks and KV caches of
-different lengths would fragment GPU memory, so both live in one pool of equal pages (figure 3). A page
-holds H numbers (H = model dim) in every layer: the pool is a tensor [L, P, H], and page p is the slot
-pool[:, p, :]. KV cache (GQA, g = n_heads // n_kv_heads, kv_dim = H / g): one page holds the K (or V)
-vectors of g consecutive tokens of a request, so a request of n tokens takes 2 ceil(n / g) pages.
-Adapter on target t with rank r: A [r, H] takes r pages (row j -> page j), B [out, r] is stored as
-B^T [r, out], r more pages; 2 T r pages for T targets, the same pages in every layer.
+S-LoRA serves thousands of adapters with one base model. Adapters of different ranks and KV
+caches of different lengths would fragment GPU memory, so both live in one pool of equal pages
+(section 4.1, figure 3). A page holds H numbers (H = model dim) in every layer: the pool is a
+tensor [L, P, H] and page p is pool[:, p, :] (kernels.py draws the layout). KV cache: a page
+holds the K (or V) of g = n_heads / n_kv_heads consecutive tokens of a request (kv_dim = H / g
+numbers each), so n tokens take 2 ceil(n / g) pages. An adapter of rank r on target t: A [r, H]
+takes r pages (row j on page j), B [O, r] is stored as B^T [r, O], r more pages: 2 r T pages for
+T targets, the same pages in every layer.
 
-All registered adapters stay in host memory (pinned under CUDA); an adapter is copied into the pool when
-a request needs it, stays while a running request uses it (reference count) and is evicted, least
-recently used first, only when its pages are wanted. Prefetch loads the adapters of the next likely
-requests while the current batch decodes (section 4.2): on CUDA on a side stream, ordered by an event.
+Every registered adapter stays in host memory (pinned under CUDA). It is copied into the pool
+when a request needs it, stays while a running request uses it (a reference count), and is
+evicted, least recently used first, only when its pages are wanted for KV or another adapter.
+Prefetch (section 4.2) loads the adapters of the next likely requests while the current batch
+runs: under CUDA on a side stream, ordered by an event.
 
-Simplified: KV pages are taken lowest index first, adapter pages highest first (so an adapter's pages
-are usually consecutive); no swapping of KV to host; only the attention projections q, k, v, o are
-servable (S-LoRA's setting, all with input width H).
-Demo: `python paging.py` prints a map of the pool (. free, K kv cache, A adapter) as it is used.
+Letters: L layers, P pages, H model dim (page width), r rank, O output width of a target,
+g tokens per KV page, S adapter slots.
+Simplified: KV pages are taken lowest index first, adapter pages highest first (so an adapter's
+pages are usually consecutive and the CPU path reads them in place); no swapping of KV to host;
+only the attention projections q, k, v, o are servable (S-LoRA's setting, all of input width H).
+Demo: `python paging.py` prints a map of the pool (. free, K kv cache, A adapter) as requests
+come and go, and says when and why an adapter is evicted.
 """
-import argparse
 import heapq
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lora import PEFT_PREFIX, LoRAConfig, read_adapter
+import cli
+from lora import AdapterError, LoRAConfig, peft_key, read_adapter
 
 SERVABLE = ("q_proj", "k_proj", "v_proj", "o_proj")
 KV, ADAPTER = "kv", "adapter"   # the two kinds of page owner
-# Letters: L layers, P pages, H model dim, r rank, g tokens per KV page, R requests, S adapter slots.
+
+
+def target_widths(model_cfg) -> Dict[str, int]:
+    """Output width O of each servable target: H for q and o, kv_dim for k and v (GQA);
+    model_cfg has .dim and .kv_dim (a model.ModelConfig, or a PoolConfig)."""
+    H, kv_dim = model_cfg.dim, model_cfg.kv_dim
+    return {"q_proj": H, "k_proj": kv_dim, "v_proj": kv_dim, "o_proj": H}
+
+
+def kv_pages(n_tokens: int, tokens_per_page: int) -> int:
+    """Pages for the K and V of n tokens: 2 ceil(n / g)."""
+    return 2 * math.ceil(n_tokens / tokens_per_page)
 
 
 class PoolFullError(RuntimeError):
     """The pool cannot provide the pages asked for, even after evicting every unused adapter."""
 
 
-def kv_pages(n_tokens: int, tokens_per_page: int) -> int:
-    """Pages for the K and V of n tokens: 2 ceil(n / g)."""
-    return 2 * math.ceil(n_tokens / tokens_per_page)
+@dataclass
+class PoolConfig:
+    n_layers: int = cli.flag(2, "L, layers of the model")
+    n_pages: int = cli.flag(32, "P, pages in the pool")
+    dim: int = cli.flag(12, "H, numbers per page (the model dim)")
+    tokens_per_page: int = cli.flag(3, "g = n_heads / n_kv_heads, tokens per KV page")
+    dtype: str = cli.flag("float32", "torch dtype of the pool")
+    device: str = cli.flag("cpu", "device of the pool")
+
+    @property
+    def kv_dim(self) -> int:
+        return self.dim // self.tokens_per_page
+
+    @staticmethod
+    def for_model(model_cfg, n_pages: int, dtype: str = "float32",
+                  device: str = "cpu") -> "PoolConfig":
+        """From a model.ModelConfig (dim, n_layers, n_heads, n_kv_heads)."""
+        return PoolConfig(model_cfg.n_layers, n_pages, model_cfg.dim,
+                          model_cfg.n_heads // model_cfg.n_kv_heads, dtype, device)
 
 
 @dataclass(frozen=True)
@@ -56,7 +89,8 @@ class PoolStats:
 
 
 class PageAllocator:
-    """Plain-integer page bookkeeping (no tensors). Invariants: used + free = total, no page twice."""
+    """Plain-integer page bookkeeping (no tensors). Invariants: used + free = total, no page
+    twice."""
 
     def __init__(self, n_pages: int):
         self.n_pages = n_pages
@@ -74,7 +108,7 @@ class PageAllocator:
         if owner not in (KV, ADAPTER):
             raise ValueError(f"page owner must be {KV!r} or {ADAPTER!r}, got {owner!r}")
         if not self.can_allocate(n):
-            raise PoolFullError(f"asked for {n} pages, only {len(self._free)} of {self.n_pages} are free")
+            raise PoolFullError(f"asked for {n} pages, {len(self._free)} of {self.n_pages} free")
         if owner == KV:
             pages = [heapq.heappop(self._free) for _ in range(n)]
         else:   # adapters from the top: their pages then tend to be consecutive (read in place)
@@ -97,18 +131,19 @@ class PageAllocator:
 
     def page_map(self) -> str:
         """One character per page: . free, K kv cache, A adapter."""
-        return "".join({KV: "K", ADAPTER: "A"}.get(self.owner.get(p), ".") for p in range(self.n_pages))
+        marks = {KV: "K", ADAPTER: "A"}
+        return "".join(marks.get(self.owner.get(p), ".") for p in range(self.n_pages))
 
 
 @dataclass
 class HostAdapter:
-    """A LoRA adapter in host memory, packed per target as W [L, 2r, H]: rows 0..r-1 are A (all layers),
-    rows r..2r-1 are B^T zero-padded from `out` to H numbers, so loading is one indexed copy per target."""
+    """A LoRA adapter in host memory, packed per target as W [L, 2r, H]: rows 0..r-1 are A, rows
+    r..2r-1 are B^T zero-padded from O to H numbers, so loading is one indexed copy per target."""
     name: str
     rank: int
-    scale: float                     # alpha / r (alpha / sqrt(r) with rsLoRA)
+    scale: float                      # alpha / r (alpha / sqrt(r) with rsLoRA)
     weights: Dict[str, torch.Tensor]  # target -> [L, 2r, H] float32
-    out: Dict[str, int]              # target -> output width of B
+    out: Dict[str, int]               # target -> O, the output width of B
 
     @property
     def targets(self) -> Tuple[str, ...]:
@@ -121,53 +156,70 @@ class HostAdapter:
     def a(self, target: str) -> torch.Tensor:   # [L, r, H]
         return self.weights[target][:, :self.rank]
 
-    def bt(self, target: str) -> torch.Tensor:  # [L, r, out]
+    def bt(self, target: str) -> torch.Tensor:  # [L, r, O]
         return self.weights[target][:, self.rank:, :self.out[target]]
 
     @staticmethod
-    def from_peft(name: str, cfg: LoRAConfig, tensors: Dict[str, torch.Tensor], n_layers: int) -> "HostAdapter":
-        """From lora.read_adapter's (config, {PEFT key: tensor}); every layer must have each target."""
+    def from_peft(name: str, cfg: LoRAConfig, tensors: Dict[str, torch.Tensor], n_layers: int,
+                  dim: Optional[int] = None) -> "HostAdapter":
+        """From lora.read_adapter's (config, {PEFT key: tensor}): every layer must have each
+        target, with one shape in all layers; dim, when given, is the model's H. Any problem is
+        an AdapterError naming the adapter."""
         if len(tensors) != 2 * n_layers * len(cfg.targets):
-            raise ValueError(f"adapter {name!r}: {len(tensors)} tensors, expected lora_A and lora_B for "
-                             f"{len(cfg.targets)} targets in each of {n_layers} layers (built for another model?)")
+            raise AdapterError(f"adapter {name!r}: {len(tensors)} tensors, expected lora_A and "
+                               f"lora_B for {len(cfg.targets)} targets in each of {n_layers} "
+                               "layers (built for another model?)")
         weights, out = {}, {}
         for target in cfg.targets:
             if target not in SERVABLE:
-                raise ValueError(f"adapter {name!r}: module {target!r} cannot be served (only {list(SERVABLE)})")
-            a, b = [], []
-            for i in range(n_layers):
-                key = f"{PEFT_PREFIX}model.layers.{i}.self_attn.{target}"
-                if f"{key}.lora_A.weight" not in tensors or f"{key}.lora_B.weight" not in tensors:
-                    raise ValueError(f"adapter {name!r}: missing {key}.lora_A/B.weight "
-                                     f"(the model has {n_layers} layers)")
-                a.append(tensors[f"{key}.lora_A.weight"].float())   # [r, H]
-                b.append(tensors[f"{key}.lora_B.weight"].float())   # [out, r]
-            A, BT = torch.stack(a), torch.stack(b).transpose(1, 2)  # [L, r, H], [L, r, out]
-            if BT.shape[2] > A.shape[2]:
-                raise ValueError(f"adapter {name!r}: {target} output width {BT.shape[2]} exceeds "
-                                 f"the page size {A.shape[2]}")
-            packed = torch.zeros(n_layers, 2 * cfg.r, A.shape[2])   # [L, 2r, H]
-            packed[:, :cfg.r], packed[:, cfg.r:, :BT.shape[2]] = A, BT
+                raise AdapterError(f"adapter {name!r}: module {target!r} cannot be served "
+                                   f"(only {list(SERVABLE)})")
+            A = _stack(name, target, "lora_A", tensors, n_layers)                 # [L, r, H]
+            Bt = _stack(name, target, "lora_B", tensors, n_layers).transpose(1, 2)  # [L, r, O]
+            H = A.shape[2] if dim is None else dim
+            if A.shape[2] != H or Bt.shape[2] > H:
+                rule = f"the model has H = {dim}" if dim else "B is never wider than A's input"
+                raise AdapterError(f"adapter {name!r}: {target} has A of input width "
+                                   f"{A.shape[2]} and B of output width {Bt.shape[2]}; {rule} "
+                                   "(built for another model?)")
+            packed = torch.zeros(n_layers, 2 * cfg.r, H)                           # [L, 2r, H]
+            packed[:, :cfg.r], packed[:, cfg.r:, :Bt.shape[2]] = A, Bt
             weights[target] = packed.pin_memory() if torch.cuda.is_available() else packed
-            out[target] = BT.shape[2]
+            out[target] = Bt.shape[2]
         return HostAdapter(name, cfg.r, cfg.scale, weights, out)
 
     @staticmethod
-    def from_dir(name: str, path: str, n_layers: int) -> "HostAdapter":
-        return HostAdapter.from_peft(name, *read_adapter(path), n_layers)
+    def from_dir(name: str, path: str, n_layers: int, dim: Optional[int] = None) -> "HostAdapter":
+        return HostAdapter.from_peft(name, *read_adapter(path), n_layers, dim)
 
     @staticmethod
-    def random(name: str, n_layers: int, dim: int, out: Dict[str, int], rank: int, alpha: float = 16.0,
-               seed: int = 0) -> "HostAdapter":
+    def random(name: str, n_layers: int, dim: int, out: Dict[str, int], rank: int,
+               alpha: float = 16.0, seed: int = 0) -> "HostAdapter":
         """A synthetic adapter (random A and B under PEFT keys), as S-LoRA's benchmarks use;
-        out maps each target to its output width (H for q and o, kv_dim for k and v)."""
-        gen, H, tensors = torch.Generator().manual_seed(seed), dim, {}
+        out maps each target to O (target_widths gives the model's)."""
+        gen, tensors = torch.Generator().manual_seed(seed), {}
         for i in range(n_layers):
             for t, width in out.items():
-                key = f"{PEFT_PREFIX}model.layers.{i}.self_attn.{t}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, H, generator=gen) / H ** 0.5    # [r, H]
-                tensors[f"{key}.lora_B.weight"] = torch.randn(width, rank, generator=gen) / rank  # [out, r]
-        return HostAdapter.from_peft(name, LoRAConfig(r=rank, alpha=alpha, targets=tuple(out)), tensors, n_layers)
+                A = torch.randn(rank, dim, generator=gen) / dim ** 0.5                    # [r, H]
+                tensors[peft_key(i, t, "lora_A")] = A
+                tensors[peft_key(i, t, "lora_B")] = torch.randn(width, rank, generator=gen) / rank
+        cfg = LoRAConfig(r=rank, alpha=alpha, targets=tuple(out))
+        return HostAdapter.from_peft(name, cfg, tensors, n_layers)
+
+
+def _stack(name, target, which, tensors, n_layers):
+    """The `which` tensors ("lora_A" or "lora_B") of one target, layer by layer: [L, ., .]."""
+    per_layer = []
+    for i in range(n_layers):
+        key = peft_key(i, target, which)
+        if key not in tensors:
+            raise AdapterError(f"adapter {name!r}: missing {key} (the model has {n_layers} layers)")
+        t = tensors[key]
+        if per_layer and t.shape != per_layer[0].shape:
+            raise AdapterError(f"adapter {name!r}: {key} has shape {list(t.shape)}, layer 0 "
+                               f"{list(per_layer[0].shape)}: every layer must have one shape")
+        per_layer.append(t.float())
+    return torch.stack(per_layer)
 
 
 @dataclass
@@ -180,28 +232,12 @@ class Resident:
 
 @dataclass
 class AdapterTables:
-    """Kernel-side index tensors of one target (layout in kernels.py); slot 0 is the base model."""
-    page_ids: torch.Tensor  # int32 [n]
-    a_start: torch.Tensor   # int32 [S]: A row j of slot s is page page_ids[a_start[s] + j], j < ranks[s]
+    """Kernel-side index tensors of one target (page lookup in kernels.py); slot 0: base model."""
+    page_ids: torch.Tensor  # int32 [2 sum(r)]
+    a_start: torch.Tensor   # int32 [S]: A row j of slot s is page page_ids[a_start[s] + j]
     b_start: torch.Tensor   # int32 [S]: likewise for B^T rows
     ranks: torch.Tensor     # int32 [S]: 0 = slot s does not adapt this target
     scales: torch.Tensor    # float32 [S]
-
-
-@dataclass
-class PoolConfig:
-    n_layers: int = field(default=2, metadata={"help": "L, layers of the model"})
-    n_pages: int = field(default=32, metadata={"help": "P, pages in the pool"})
-    dim: int = field(default=12, metadata={"help": "H, numbers per page (the model dim)"})
-    tokens_per_page: int = field(default=3, metadata={"help": "g = n_heads // n_kv_heads, tokens per KV page"})
-    dtype: str = field(default="float32", metadata={"help": "torch dtype of the pool"})
-    device: str = field(default="cpu", metadata={"help": "device of the pool"})
-
-    @staticmethod
-    def for_model(model_cfg, n_pages: int, dtype: str = "float32", device: str = "cpu") -> "PoolConfig":
-        """From a model.ModelConfig (dim, n_layers, n_heads, n_kv_heads)."""
-        return PoolConfig(model_cfg.n_layers, n_pages, model_cfg.dim, model_cfg.n_heads // model_cfg.n_kv_heads,
-                          dtype, device)
 
 
 class UnifiedPool:
@@ -209,10 +245,10 @@ class UnifiedPool:
 
     def __init__(self, cfg: PoolConfig):
         self.cfg, self.g = cfg, cfg.tokens_per_page
-        self.tensor = torch.zeros(cfg.n_layers, cfg.n_pages, cfg.dim, dtype=getattr(torch, cfg.dtype),
-                                  device=cfg.device)  # [L, P, H]
+        self.tensor = torch.zeros(cfg.n_layers, cfg.n_pages, cfg.dim,
+                                  dtype=getattr(torch, cfg.dtype), device=cfg.device)  # [L, P, H]
         self.alloc = PageAllocator(cfg.n_pages)
-        self.blocks: Dict[int, List[Tuple[int, int]]] = {}   # seq -> [(K page, V page)] per g tokens
+        self.blocks: Dict[int, List[Tuple[int, int]]] = {}   # seq -> [(K page, V page)] per block
         self.host: Dict[str, HostAdapter] = {}
         self.resident: "OrderedDict[str, Resident]" = OrderedDict()  # least recently used first
         self.copy_stream = torch.cuda.Stream(self.tensor.device) if self.tensor.is_cuda else None
@@ -221,11 +257,13 @@ class UnifiedPool:
         return self.alloc.stats()
 
     def _take(self, n: int, owner: str, keep: frozenset = frozenset()) -> List[int]:
-        """n pages, evicting unused adapters (least recently used first, never those in keep) if needed."""
+        """n pages, evicting unused adapters if needed: least recently used first, never one in
+        keep. Used adapters are never evicted: their requests are running."""
         unused = [name for name, res in self.resident.items() if res.refs == 0 and name not in keep]
         evictable = sum(self.host[name].n_pages for name in unused)
         if self.alloc.n_free + evictable < n:
-            raise PoolFullError(f"need {n} pages: {self.alloc.n_free} free and {evictable} in unused adapters")
+            raise PoolFullError(f"need {n} pages: {self.alloc.n_free} free and {evictable} in "
+                                "unused adapters")
         for name in unused:
             if self.alloc.can_allocate(n):
                 break
@@ -248,8 +286,8 @@ class UnifiedPool:
         self.alloc.free([p for kv in self.blocks.pop(seq, []) for p in kv])
 
     def block_table(self, seq_ids: Sequence[int]) -> torch.Tensor:
-        """int32 [R, max_blocks, 2]; rows shorter than max_blocks are padded with page 0, which the
-        kernels never read because seq_lens bounds every row."""
+        """int32 [R, max_blocks, 2]; shorter rows are padded with page 0, which no kernel or
+        reference reads: each reads only its request's own positions."""
         width = max((len(self.blocks[s]) for s in seq_ids), default=0)
         table = torch.zeros(len(seq_ids), width, 2, dtype=torch.int32)
         for row, s in enumerate(seq_ids):
@@ -260,17 +298,34 @@ class UnifiedPool:
     # ------------------------------------------------------------------ adapter side
 
     def register(self, adapter: HostAdapter):
-        """Add an adapter to the host store, after checking that it fits this model's shapes."""
+        """Add an adapter to the host store, after checking that it fits this model's shapes.
+        A name is registered once: unregister it before registering another version."""
+        if adapter.name in self.host:
+            raise ValueError(f"adapter {adapter.name!r} is already registered; unregister it "
+                             "first or use another name")
+        if not math.isfinite(adapter.scale):
+            raise AdapterError(f"adapter {adapter.name!r}: scale {adapter.scale} is not finite")
         L, _, H = self.tensor.shape
-        width = {"q_proj": H, "o_proj": H, "k_proj": H // self.g, "v_proj": H // self.g}
+        widths = target_widths(self.cfg)
         for t, w in adapter.weights.items():   # w [L, 2r, H]
-            if (w.shape[0], w.shape[2], adapter.out[t]) != (L, H, width[t]):
-                raise ValueError(f"adapter {adapter.name!r}: {t} has L={w.shape[0]}, H={w.shape[2]}, "
-                                 f"out={adapter.out[t]}; the model has L={L}, H={H}, out={width[t]}")
+            if t not in widths or (w.shape[0], w.shape[2], adapter.out[t]) != (L, H, widths[t]):
+                raise AdapterError(f"adapter {adapter.name!r}: {t} has L={w.shape[0]}, "
+                                   f"H={w.shape[2]}, out={adapter.out[t]}; the model has L={L}, "
+                                   f"H={H}, out={widths.get(t)}")
         self.host[adapter.name] = adapter
 
+    def unregister(self, name: str):
+        """Forget an adapter: its pages are freed if resident, its host copy dropped. Refused
+        while running requests use it."""
+        if name not in self.host:
+            raise KeyError(f"adapter {name!r} is not registered")
+        if name in self.resident:
+            self.evict(name)   # raises if a running request uses it
+        del self.host[name]
+
     def load(self, name: str, keep: frozenset = frozenset()):
-        """Copy a registered adapter into pool pages (no-op if resident): one indexed copy per target."""
+        """Copy a registered adapter into pool pages (no-op if resident), one indexed copy per
+        target; under CUDA on the side stream, its event recorded for acquire to wait on."""
         if name not in self.host:
             raise KeyError(f"adapter {name!r} is not registered (known: {sorted(self.host)})")
         if name in self.resident:
@@ -281,20 +336,22 @@ class UnifiedPool:
         res = Resident(pages)
         if self.copy_stream is None:
             for t in ad.targets:
-                self.tensor[:, pages[t]] = ad.weights[t].to(self.tensor.dtype)   # [L, 2r, H] into pages
+                self.tensor[:, pages[t]] = ad.weights[t].to(self.tensor.dtype)   # [L, 2r, H]
         else:
-            # The pages may have been freed by work still queued on the compute stream: wait for it.
+            # The pages may have been freed by work still queued on the compute stream: wait.
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.tensor.device))
             with torch.cuda.stream(self.copy_stream):
                 for t in ad.targets:
                     idx = torch.tensor(pages[t], device=self.tensor.device)
-                    self.tensor[:, idx] = ad.weights[t].to(self.tensor.device, non_blocking=True).to(self.tensor.dtype)
+                    w = ad.weights[t].to(self.tensor.device, non_blocking=True)
+                    self.tensor[:, idx] = w.to(self.tensor.dtype)
                 res.ready = torch.cuda.Event()
                 res.ready.record(self.copy_stream)
         self.resident[name] = res
 
     def acquire(self, name: str):
-        """A running request uses the adapter: load it if needed, pin it, and order its copy before use."""
+        """A running request uses the adapter: load it if needed, count the use, and order its
+        copy before the compute that reads it."""
         self.load(name)
         res = self.resident[name]
         res.refs += 1
@@ -313,13 +370,14 @@ class UnifiedPool:
         res = self.resident[name]
         if res.refs:
             raise ValueError(f"adapter {name!r} is used by {res.refs} running requests")
-        if res.ready is not None:   # its pages may be reused on the compute stream: copy must end first
+        if res.ready is not None:   # the pages may be reused on the compute stream: copy first
             torch.cuda.current_stream(self.tensor.device).wait_event(res.ready)
         self.alloc.free([p for pages in self.resident.pop(name).pages.values() for p in pages])
 
     def prefetch(self, names: Sequence[str]) -> List[str]:
-        """Load the adapters of the next likely requests, in order, while room allows without evicting
-        one of them or a used one; returns the names loaded. Call before launching the step's forward."""
+        """Load the adapters of the next likely requests, in order, while room allows without
+        evicting one of them or a used one; returns the names loaded. Call before the step's
+        forward, so that the copies overlap it."""
         keep, loaded = frozenset(names), []
         for name in names:
             if name in self.resident or name not in self.host:
@@ -332,11 +390,11 @@ class UnifiedPool:
         return loaded
 
     def kernel_tables(self, names: Sequence[str]) -> Dict[str, AdapterTables]:
-        """Per servable target the index tensors for slots [base model, names[0], names[1], ...]."""
+        """Per servable target the index tensors for slots [base model, names[0], ...]."""
         absent = [name for name in names if name not in self.resident]
         if absent:
             raise KeyError(f"adapters {absent} are not resident in the pool; acquire them first")
-        dev, tables = self.tensor.device, {}
+        tables = {}
         for t in SERVABLE:
             page_ids, a_start, b_start, ranks, scales = [], [0], [0], [0], [0.0]
             for name in names:
@@ -347,26 +405,26 @@ class UnifiedPool:
                 page_ids += res.pages[t] if r else []
                 ranks.append(r)
                 scales.append(ad.scale if r else 0.0)
-            tables[t] = AdapterTables(*(torch.tensor(xs, dtype=torch.int32, device=dev)
-                                        for xs in (page_ids, a_start, b_start, ranks)),
-                                      torch.tensor(scales, dtype=torch.float32, device=dev))
+            ints = [torch.tensor(xs, dtype=torch.int32, device=self.tensor.device)
+                    for xs in (page_ids, a_start, b_start, ranks)]
+            tables[t] = AdapterTables(*ints, torch.tensor(scales, device=self.tensor.device))
         return tables
 
 
+# ---------------------------------------------------------------- demo: python paging.py
 def _demo(cfg: PoolConfig):
-    pool = UnifiedPool(cfg)
-    kv_dim = cfg.dim // cfg.tokens_per_page
-    qv = {"q_proj": cfg.dim, "v_proj": kv_dim}
-    qkvo = {"q_proj": cfg.dim, "k_proj": kv_dim, "v_proj": kv_dim, "o_proj": cfg.dim}
-    for name, out, rank in (("a", qv, 2), ("b", qkvo, 1), ("c", qv, 3)):
-        pool.register(HostAdapter.random(name, cfg.n_layers, cfg.dim, out, rank, seed=len(pool.host)))
+    pool, widths = UnifiedPool(cfg), target_widths(cfg)
+    qv = {t: widths[t] for t in ("q_proj", "v_proj")}
+    for name, out, rank in (("a", qv, 2), ("b", widths, 1), ("c", qv, 3)):
+        pool.register(HostAdapter.random(name, cfg.n_layers, cfg.dim, out, rank, seed=rank))
         print(f"adapter {name}: rank {rank}, targets {list(out)} -> {pool.host[name].n_pages} pages")
+    print(f"pool [L, P, H] = {list(pool.tensor.shape)}, g = {pool.g} tokens per KV page")
 
     def show(what):
         s = pool.stats()
-        print(f"{what:<46} {pool.alloc.page_map()}  kv {s.kv:2d} adapter {s.adapter:2d} free {s.free:2d}")
+        print(f"{what:<46} {pool.alloc.page_map()}  kv {s.kv:2d} adapter {s.adapter:2d} "
+              f"free {s.free:2d}")
 
-    print(f"pool [L, P, H] = {list(pool.tensor.shape)}, g = {pool.g} tokens per KV page")
     show("empty")
     pool.allocate_kv(0, 5)
     show("request 0: prompt of 5 tokens")
@@ -380,24 +438,26 @@ def _demo(cfg: PoolConfig):
     pool.free_seq(0)
     pool.release("a")
     show("request 0 ends: KV freed, a unused but kept")
+    free, resident = pool.stats().free, list(pool.resident)
     pool.acquire("c")
-    show(f"c needs 12 pages, 10 free: unused a evicted")
-    print(f"{'prefetch a while b and c are in use:':<46} loaded {pool.prefetch(['a'])}")
+    show("request 2 uses adapter c: loaded")
+    print(f"  c needed {pool.host['c'].n_pages} pages and {free} were free, so "
+          f"{[n for n in resident if n not in pool.resident]} was evicted: the least recently used\n"
+          "  adapter that no running request uses (b is in use); its host copy stays for later.")
+    print(f"{'prefetch a while b and c are in use:':<46} loaded {pool.prefetch(['a'])}: "
+          f"{pool.stats().free} pages free, a needs 8, and adapters in use are never evicted")
     pool.release("b")
-    print(f"{'b released, prefetch a again:':<46} loaded {pool.prefetch(['a'])}")
+    print(f"{'request 1 ends, b unused; prefetch a again:':<46} loaded {pool.prefetch(['a'])}: "
+          "b, unused, was evicted for it")
     show(f"resident now {list(pool.resident)}")
     c, pages = pool.host["c"], pool.resident["c"].pages["v_proj"]
     same = torch.equal(pool.tensor[:, pages[:c.rank]], c.a("v_proj")) and \
-        torch.equal(pool.tensor[:, pages[c.rank:], :kv_dim], c.bt("v_proj"))
+        torch.equal(pool.tensor[:, pages[c.rank:], :cfg.kv_dim], c.bt("v_proj"))
     print(f"pool pages of c.v_proj hold exactly A and B^T: {same}")
     t = pool.kernel_tables(["a", "c"])["v_proj"]
-    print(f"kernel tables for v_proj, slots [base, a, c]: ranks {t.ranks.tolist()} a_start {t.a_start.tolist()} "
-          f"b_start {t.b_start.tolist()} page_ids {t.page_ids.tolist()}")
+    print(f"kernel tables for v_proj, slots [base, a, c]: ranks {t.ranks.tolist()} a_start "
+          f"{t.a_start.tolist()} b_start {t.b_start.tolist()} page_ids {t.page_ids.tolist()}")
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Show the unified pool (S-LoRA section 4) at work.")
-    for f in fields(PoolConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                        help=f.metadata["help"])
-    _demo(PoolConfig(**vars(ap.parse_args())))
+    _demo(*cli.parse([PoolConfig], "Show the unified pool (S-LoRA section 4) at work."))

@@ -12,8 +12,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 import random  # noqa: E402
@@ -27,14 +29,17 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import kernels  # noqa: E402
 import lora  # noqa: E402
 import checkpoints as C  # noqa: E402
+import tokenizer as tok_mod  # noqa: E402
 import e2e  # noqa: E402
 import model as M  # noqa: E402
+import paging  # noqa: E402
+import engine as E  # noqa: E402
 import serve  # noqa: E402
 import tp  # noqa: E402
 import train  # noqa: E402
 from lora import AdapterError, LoRAConfig, read_adapter  # noqa: E402
 from lora import load_adapter, lora_layers  # noqa: E402
-from checkpoints import ByteTokenizer  # noqa: E402
+from tokenizer import ByteTokenizer  # noqa: E402
 from model import Llama, ModelConfig  # noqa: E402
 from paging import ADAPTER, KV, HostAdapter, PageAllocator, PoolConfig, PoolFullError, UnifiedPool, kv_pages  # noqa: E402
 from scheduler import Request, RequestRejected, Scheduler, SchedulerConfig, State  # noqa: E402
@@ -136,10 +141,16 @@ def test_adapter_round_trip_and_peft_format(tmp_path):
     assert torch.equal(m(x), fresh(x))
 
 
+def test_peft_key_names_attention_and_mlp_projections():
+    assert lora.peft_key(3, "q_proj", "lora_A") == "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"
+    assert lora.peft_key(0, "down_proj", "lora_B") == "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+
+
 def _write_adapter(path, conf=None, tensors=None):
     path.mkdir(parents=True, exist_ok=True)
     base = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "bias": "none"}
-    (path / "adapter_config.json").write_text(json.dumps({**base, **(conf or {})}))
+    text = conf if isinstance(conf, str) else json.dumps({**base, **(conf or {})})   # a str: the raw file
+    (path / "adapter_config.json").write_text(text)
     if tensors is None:
         tensors = {}
         for i in range(2):
@@ -156,13 +167,28 @@ BAD_ADAPTERS = {
     "rank": lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(48, 3)}),
     "nan": lambda t: t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].fill_(float("nan")),
     "inf": lambda t: t["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].fill_(float("inf")),
+    "one layer's shape": lambda t: t.update({
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": torch.zeros(40, 2)}),
+    "A input width": lambda t: t.update({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight":
+                                         torch.zeros(2, 40) for i in range(2)}),
     "layer the model lacks": lambda t: t.update({
         "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight": torch.zeros(2, 48),
         "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight": torch.zeros(48, 2)}),
 }
 BAD_CONFIGS = {"dora": {"use_dora": True}, "modules_to_save": {"modules_to_save": ["lm_head"]},
                "bias": {"bias": "all"}, "target the model lacks": {"target_modules": ["q_proj", "c_attn"]},
-               "not lora": {"peft_type": "IA3"}, "no rank": {"r": 0}}
+               "not lora": {"peft_type": "IA3"}, "no rank": {"r": 0}, "negative rank": {"r": -2},
+               "rank true": {"r": True}, "alpha null": {"lora_alpha": None},
+               "alpha nan": {"lora_alpha": float("nan")}, "alpha inf": {"lora_alpha": float("inf")},
+               "config a list": '[{"peft_type": "LORA", "r": 2}]'}
+# what the message says besides the file's name
+BAD_REASONS = {"missing key": "missing", "unknown key": "unexpected key", "shape": "every layer",
+               "rank": "rank r=2", "nan": "NaN", "inf": "NaN or Inf", "layer the model lacks": "lacks",
+               "one layer's shape": "every layer", "A input width": "lora_A input width",
+               "dora": "use_dora", "modules_to_save": "modules_to_save", "bias": "bias",
+               "target the model lacks": "c_attn", "not lora": "peft_type", "no rank": "r=0",
+               "negative rank": "r=-2", "rank true": "r=True must be an integer", "alpha null": "alpha=None",
+               "alpha nan": "alpha=nan", "alpha inf": "alpha=inf", "config a list": "JSON object, got a list"}
 
 
 @pytest.mark.parametrize("case", list(BAD_ADAPTERS) + list(BAD_CONFIGS))
@@ -175,8 +201,9 @@ def test_bad_adapter_is_refused_and_changes_nothing(tmp_path, case):
     _write_adapter(tmp_path / "bad", BAD_CONFIGS.get(case), tensors)
     m = tiny_llama()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(AdapterError, match="bad"):  # the message names the file
+    with pytest.raises(AdapterError, match="bad") as refused:  # the message names the file
         lora.load_adapter(m, tmp_path / "bad")
+    assert BAD_REASONS[case] in str(refused.value)                # and the problem
     assert not lora.lora_layers(m)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
     lora.load_adapter(m, good)                                    # the good one still loads
@@ -225,9 +252,9 @@ def test_rope_rotates_pairs_by_position():
 
 def tiny_bpe_tokenizer():
     """Byte tokens plus two merges ('a','b') -> 'ab', ('ab','c') -> 'abc', and two specials."""
-    u = C.bytes_to_unicode()
+    u = tok_mod.bytes_to_unicode()
     tokens = [u[b] for b in range(256)] + ["ab", "abc", "<|endoftext|>", "<|im_end|>"]
-    return C.Tokenizer(tokens, [258, 259], ["a b", "ab c"], C.GPT2_PATTERN, 258, 259)
+    return tok_mod.Tokenizer(tokens, [258, 259], ["a b", "ab c"], tok_mod.GPT2_PATTERN, 258, 259)
 
 
 def test_hf_format_round_trip(tmp_path):
@@ -291,8 +318,35 @@ def test_gguf_loading_matches_the_hf_layout(tmp_path):
     assert tok2.encode("abc ab") == tok.encode("abc ab")
 
 
+def test_qwen2_gguf_loads_biases_and_unpermuted_rows(tmp_path):
+    import gguf
+    tok = tiny_bpe_tokenizer()
+    m = tiny_llama(vocab_size=tok.vocab_size, qkv_bias=True, tie_embeddings=True)
+    c, path = m.config, str(tmp_path / "qwen2.gguf")
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_block_count(c.n_layers), w.add_embedding_length(c.dim), w.add_feed_forward_length(c.ffn_dim)
+    w.add_head_count(c.n_heads), w.add_head_count_kv(c.n_kv_heads), w.add_context_length(c.max_seq_len)
+    w.add_layer_norm_rms_eps(c.norm_eps), w.add_rope_freq_base(c.rope_theta)
+    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("qwen2"), w.add_token_list(tok.tokens)
+    w.add_token_merges(tok.merges), w.add_token_types([1] * 258 + [3, 3])
+    w.add_bos_token_id(258), w.add_eos_token_id(259)
+    inverse = {v: k for k, v in C.GGUF_NAMES.items()}
+    for name, t in m.state_dict().items():
+        if name == "lm_head.weight":
+            continue                                  # tied: no output tensor
+        parts = name.split(".")
+        gname = (f"blk.{parts[2]}.{inverse['.'.join(parts[3:-1])]}.{parts[-1]}" if parts[1] == "layers"
+                 else f"{inverse['.'.join(parts[:-1])]}.{parts[-1]}")
+        w.add_tensor(gname, t.numpy())               # qwen2: q/k rows as in Hugging Face, no permutation
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    loaded, tok2 = C.load_model(path)
+    assert loaded.config.qkv_bias and not loaded.config.o_bias and tok2.pattern == tok_mod.QWEN2_PATTERN
+    for name, want in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], want), name
+
+
 def test_byte_tokenizer():
-    t = C.ByteTokenizer()
+    t = tok_mod.ByteTokenizer()
     ids = t.encode("hé<|im_end|>x", allow_special=True)
     assert ids == [104, 195, 169, t.special["<|im_end|>"], 120]
     assert t.decode(ids) == "hé<|im_end|>x"
@@ -327,6 +381,193 @@ def test_real_model_continues_sensibly(real):
     m, tok = real
     out = m.generate([tok.encode("The capital of France is")], 8, tok.eos_id)[0]
     assert "Paris" in tok.decode(out)
+
+
+# ------------------------------------------------------------------------------ checkpoints (checkpoints.py)
+
+def dense_logits(c: dict, state: dict, tokens):
+    """An independent Llama / Mistral / Qwen2 forward from a config.json dict (either transformers
+    layout) and a float32 state dict: plain torch, no code of model.py. tokens [T] -> logits [T, V]."""
+    rope = c.get("rope_parameters") or {**(c.get("rope_scaling") or {}), "rope_theta": c.get("rope_theta", 1e4)}
+    H, nh = c["hidden_size"], c["num_attention_heads"]
+    nkv, hd = c.get("num_key_value_heads", nh), c.get("head_dim") or H // nh
+    freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, hd, 2).double() / hd)
+    kind = rope.get("rope_type", "default")
+    if kind == "linear":
+        freq = freq / rope["factor"]
+    if kind == "llama3":
+        wave, old = 2 * math.pi / freq, rope["original_max_position_embeddings"]
+        lo, hi = rope["low_freq_factor"], rope["high_freq_factor"]
+        mix = ((old / wave - lo) / (hi - lo)).clamp(0, 1)          # 0: long waves, 1: short waves
+        freq = freq * mix + freq / rope["factor"] * (1 - mix)
+    T = len(tokens)
+    ang = torch.arange(T).double()[:, None] * freq[None]           # [T, hd/2]
+    cos, sin = ang.cos().repeat(1, 2).float(), ang.sin().repeat(1, 2).float()
+
+    def rot(x):  # x [heads, T, hd]
+        return x * cos + torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin
+
+    def lin(name, x):
+        y = x @ state[name + ".weight"].T
+        return y + state[name + ".bias"] if name + ".bias" in state else y
+
+    def norm(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.get("rms_norm_eps", 1e-6)) * w
+
+    x = state["model.embed_tokens.weight"][tokens]
+    causal = torch.ones(T, T).tril().bool()
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = norm(x, state[p + "input_layernorm.weight"])
+        q = rot(lin(p + "self_attn.q_proj", h).view(T, nh, hd).transpose(0, 1))
+        k = rot(lin(p + "self_attn.k_proj", h).view(T, nkv, hd).transpose(0, 1)).repeat_interleave(nh // nkv, 0)
+        v = lin(p + "self_attn.v_proj", h).view(T, nkv, hd).transpose(0, 1).repeat_interleave(nh // nkv, 0)
+        att = (q @ k.transpose(1, 2) / math.sqrt(hd)).masked_fill(~causal, -math.inf).softmax(-1)
+        x = x + lin(p + "self_attn.o_proj", (att @ v).transpose(0, 1).reshape(T, nh * hd))
+        h = norm(x, state[p + "post_attention_layernorm.weight"])
+        gate, up = lin(p + "mlp.gate_proj", h), lin(p + "mlp.up_proj", h)
+        x = x + lin(p + "mlp.down_proj", gate * torch.sigmoid(gate) * up)
+    head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    return norm(x, state["model.norm.weight"]) @ head.T
+
+
+def hf_checkpoint(path, family="llama", layout=4, rope=None, dtype=torch.float32, head_dim=None,
+                  bias=False, tie=False, extra=None, seed=0):
+    """A tiny random checkpoint as transformers 4 or 5 writes config.json, with a byte-level
+    tokenizer.json; weights scaled up so that attention and RoPE matter. Returns (config, state)."""
+    H, nh, nkv, L, V, F = 32, 4, 2, 2, 260, 64
+    hd = head_dim or H // nh
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"self_attn.q_proj": (nh * hd, H), "self_attn.k_proj": (nkv * hd, H),
+              "self_attn.v_proj": (nkv * hd, H), "self_attn.o_proj": (H, nh * hd),
+              "mlp.gate_proj": (F, H), "mlp.up_proj": (F, H), "mlp.down_proj": (H, F)}
+    state = {"model.embed_tokens.weight": torch.randn(V, H, generator=g),
+             "model.norm.weight": 1 + 0.1 * torch.randn(H, generator=g)}
+    if not tie:
+        state["lm_head.weight"] = torch.randn(V, H, generator=g) / H ** 0.5
+    for i in range(L):
+        for name, shape in shapes.items():
+            state[f"model.layers.{i}.{name}.weight"] = torch.randn(*shape, generator=g) / shape[1] ** 0.5 * 2
+            if (bias or family == "qwen2") and ("q_proj" in name or "k_proj" in name or "v_proj" in name
+                                                or bias and "o_proj" in name):
+                state[f"model.layers.{i}.{name}.bias"] = torch.randn(shape[0], generator=g)
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            state[f"model.layers.{i}.{n}.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    c = {"architectures": [arch], "model_type": family, "hidden_size": H, "intermediate_size": F,
+         "num_hidden_layers": L, "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": V,
+         "rms_norm_eps": 1e-6, "max_position_embeddings": 256, "tie_word_embeddings": tie,
+         "hidden_act": "silu", "bos_token_id": 256, "eos_token_id": 257}
+    if head_dim:
+        c["head_dim"] = head_dim
+    if family == "llama":
+        c["attention_bias"] = bias
+    if family == "mistral":
+        c["sliding_window"] = None
+    rope = {"rope_type": "default", **(rope or {})}
+    if layout == 5:
+        c["rope_parameters"] = {"rope_theta": 50.0, **rope}
+    else:
+        c["rope_theta"] = 50.0
+        if rope["rope_type"] != "default":
+            c["rope_scaling"] = rope
+    c.update(extra or {})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(c))
+    save_file({k: v.to(dtype) for k, v in state.items()}, str(path / "model.safetensors"))
+    u = tok_mod.bytes_to_unicode()
+    tok = tok_mod.Tokenizer([u[b] for b in range(256)] + ["<s>", "</s>", "ab", "abc"], [256, 257], ["a b", "ab c"],
+                      tok_mod.GPT2_PATTERN, 256, 257)
+    (path / "tokenizer.json").write_text(json.dumps(tok_mod.tokenizer_json(tok)))
+    return c, {k: v.to(dtype).float() for k, v in state.items()}
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+CHECKPOINTS = {   # name: keyword arguments of hf_checkpoint
+    "llama-4": {}, "llama-5": {"layout": 5},
+    "llama3-rope-4": {"rope": LLAMA3_ROPE}, "llama3-rope-5": {"rope": LLAMA3_ROPE, "layout": 5},
+    "linear-rope-5": {"rope": {"rope_type": "linear", "factor": 4.0}, "layout": 5},
+    "head-dim-16": {"head_dim": 16}, "attention-bias": {"bias": True}, "tied": {"tie": True},
+    "mistral-4": {"family": "mistral"}, "mistral-5": {"family": "mistral", "layout": 5},
+    "qwen2-5": {"family": "qwen2", "layout": 5, "extra": {"use_sliding_window": False}},
+    "bfloat16": {"dtype": torch.bfloat16}, "float16": {"dtype": torch.float16},
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_every_supported_checkpoint_equals_an_independent_dense_forward(tmp_path, name):
+    c, state = hf_checkpoint(tmp_path, **CHECKPOINTS[name])
+    tokens = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3))
+    model, _ = C.load_model(str(tmp_path))
+    want_dtype = CHECKPOINTS[name].get("dtype", torch.float32)
+    assert model.lm_head.weight.dtype == want_dtype                        # kept in its dtype
+    with torch.no_grad():
+        got = model.float()(tokens[None])[0]
+    want = dense_logits(c, state, tokens)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
+    if "rope" in CHECKPOINTS[name]:   # the scaling matters at these positions: without it, far off
+        plain = dense_logits({**c, "rope_scaling": None, "rope_parameters": None, "rope_theta": 50.0}, state, tokens)
+        assert (plain - want).abs().max() > 1e-2 * want.abs().max()
+
+
+REFUSED = {   # extra config keys -> the words the error must contain
+    "yarn": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    "dynamic": ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 50.0}}, "dynamic"),
+    "unknown key": ({"num_experts": 8}, "num_experts"),
+    "gelu": ({"hidden_act": "gelu"}, "hidden_act"),
+    "architecture": ({"architectures": ["GemmaForCausalLM"]}, "GemmaForCausalLM"),
+    "window": ({"architectures": ["MistralForCausalLM"], "sliding_window": 64}, "sliding_window=64"),
+    "qwen2 window": ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "use_sliding_window"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unsupported_checkpoint_is_refused_by_name(tmp_path, case):
+    extra, words = REFUSED[case]
+    hf_checkpoint(tmp_path, extra=extra)
+    with pytest.raises(C.CheckpointError, match=words):
+        C.load_model(str(tmp_path))
+
+
+def test_save_hf_round_trips_every_config_field(tmp_path):
+    for i, kw in enumerate([{"rope": LLAMA3_ROPE}, {"family": "qwen2"}, {"head_dim": 16, "bias": True}]):
+        hf_checkpoint(tmp_path / f"in{i}", **kw)
+        model, tok = C.load_model(str(tmp_path / f"in{i}"))
+        C.save_hf(model, str(tmp_path / f"out{i}"), tok)
+        again, _ = C.load_model(str(tmp_path / f"out{i}"))
+        assert again.config == dataclasses.replace(model.config, name=f"out{i}")
+        tokens = torch.arange(30)[None]
+        assert torch.equal(again(tokens), model(tokens))
+
+
+def test_pre_tokenizers_of_llama3_and_qwen2_split_digits_their_way():
+    split = lambda pattern: {"type": "Sequence", "pretokenizers": [   # noqa: E731
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+    u = tok_mod.bytes_to_unicode()
+    for pattern, pieces in ((tok_mod.LLAMA3_PATTERN, ["123", "45"]), (tok_mod.QWEN2_PATTERN, list("12345"))):
+        assert tok_mod.pretokenizer_pattern(split(pattern), "t") == pattern
+        merges = ["1 2", "12 3", "4 5"]
+        tok = tok_mod.Tokenizer([u[b] for b in range(256)] + ["12", "123", "45"], [], merges, pattern, 0, 0)
+        assert [tok.decode([t]) for t in tok.encode("12345")] == pieces
+    with pytest.raises(ValueError, match="Metaspace"):
+        tok_mod.pretokenizer_pattern({"type": "Metaspace"}, "tokenizer.json")
+
+
+def test_merge_command_writes_a_model_equal_to_base_plus_adapter(tmp_path):
+    hf_checkpoint(tmp_path / "base")
+    model, _ = C.load_model(str(tmp_path / "base"))
+    lora.add_lora(model, LoRAConfig(r=2, alpha=4.0, targets=("q_proj", "down_proj")))
+    randomize_lora(model)
+    lora.save_adapter(model, str(tmp_path / "ad"), LoRAConfig(r=2, alpha=4.0, targets=("q_proj", "down_proj")))
+    C.merge_and_export(C.MergeConfig(str(tmp_path / "base"), str(tmp_path / "ad"), str(tmp_path / "out")))
+    merged, _ = C.load_model(str(tmp_path / "out"))
+    tokens = torch.arange(20)[None]
+    with torch.no_grad():
+        assert torch.allclose(merged(tokens), model.eval()(tokens), atol=1e-5)
+    assert not lora.lora_layers(merged)
+
 
 
 # ------------------------------------------------------------------------------ fine-tuning on E2E (train.py)
@@ -402,14 +643,15 @@ def test_download_unpacks_nested_zip_and_falls_back_to_dev(tmp_path):
             z.writestr("e2e-dataset/testset_w_refs.csv", 'mr,ref\n"name[B]","B."\n')
     paths = e2e.ensure_data(str(tmp_path), fetch=fake_fetch)
     assert paths["train"] is None and e2e.read_e2e(paths["test"]) == [("name[B]", "B.")]
-    assert train.load_splits(train.TrainConfig(data=str(tmp_path)), log=lambda s: None)[1] == "dev"
+    assert train.load_splits(train.TrainConfig(e2e_dir=str(tmp_path)), log=lambda s: None)[1] == "dev"
 
 
 def test_loss_mask_covers_exactly_the_reference_and_end_token():
     tok = ByteTokenizer()
-    ids, n_prompt = train.encode_example(tok, "name[A]", "A.", 64)
-    assert ids == list(b"name[A]\n A.") + [tok.eos_id] and n_prompt == len("name[A]\n")
-    tokens, mask, n_real = next(train.batches([(ids, n_prompt)], 1, random.Random(0)))
+    ids, is_target = train.encode_example(tok, "name[A]", "A.", 64)
+    assert ids == list(b"name[A]\n A.") + [tok.eos_id]
+    assert is_target == [False] * len("name[A]\n") + [True] * len(" A.") + [True]
+    tokens, mask, n_real = next(train.batches([(ids, is_target)], 1, random.Random(0)))
     assert tokens[0, 1:][mask[0]].tolist() == list(b" A.") + [tok.eos_id] and n_real == len(ids)
 
 
@@ -417,6 +659,45 @@ def test_loss_mask_covers_exactly_the_reference_and_end_token():
 def test_real_test_split_counts():
     groups = e2e.group_refs(e2e.read_e2e(os.path.join(os.environ["E2E_DATA"], "testset_w_refs.csv")))
     assert len(groups) == 630 and sum(len(r) for _, r in groups) == 4693
+
+
+def test_prompt_completion_record_learns_the_completion_and_end_token_only():
+    tok = ByteTokenizer()
+    ids, is_target = train.encode_record(tok, {"prompt": "Q: 2+2?\n", "completion": "A: 4"}, 64)
+    assert ids == list(b"Q: 2+2?\nA: 4") + [tok.eos_id]
+    assert [t for t, learn in zip(ids, is_target) if learn] == list(b"A: 4") + [tok.eos_id]
+    ids, is_target = train.encode_record(tok, {"prompt": "Q: 2+2?\n", "completion": "A: 4"}, 10)
+    assert len(ids) == len(is_target) == 10                         # cut to --seq-len
+
+
+def test_chat_record_is_chatml_and_learns_the_assistant_turns_only():
+    tok = ByteTokenizer()
+    rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+                        {"role": "assistant", "content": "Bye."}]}
+    ids, is_target = train.encode_record(tok, rec, 512)
+    assert tok.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                               "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+                               "<|im_start|>assistant\nBye.<|im_end|>\n")
+    assert [t for t, learn in zip(ids, is_target) if learn] == \
+        tok.encode("Hello.<|im_end|>Bye.<|im_end|>", allow_special=True)
+
+
+def test_malformed_records_are_listed_with_file_line_and_reason_before_any_model_work(tmp_path, no_model):
+    path = tmp_path / "my.jsonl"
+    lines = ['{"prompt": "a", "completion": "b"}', "", "{not json", '["a list"]', '{"prompt": "a"}',
+             '{"messages": [{"role": "user", "content": "hi"}]}', '{"messages": [{"role": "bot", "content": "x"}]}',
+             '{"prompt": "a", "completion": ""}', '{"prompt": "a", "completion": "b", "messages": []}']
+    path.write_bytes("\n".join(lines).encode() + b'\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(e2e.DataError) as refused:
+        train.main(train.TrainConfig(data=str(path), out=str(tmp_path / "out")), log=lambda s: None)
+    message = str(refused.value)
+    assert message.startswith("8 malformed records")
+    for line, reason in [(3, "not JSON"), (4, "expected a JSON object, got list"), (5, '"prompt" and "completion" must both be strings'),
+                         (6, 'no "assistant" message'), (7, "message 0: expected"), (8, '"completion" is empty'),
+                         (9, 'expected "prompt" and "completion", or "messages"'), (10, "not UTF-8")]:
+        assert f"my.jsonl, line {line}: {reason}" in message, line
+    assert "line 1:" not in message and "line 2:" not in message
 
 
 # ------------------------------------------------------------------------------------ training
@@ -468,10 +749,11 @@ def test_beam_of_one_is_greedy_and_ngram_ban():
     prompt = tok.encode("name[Aromi]\n")
     cfg = train.TrainConfig(beam=1, no_repeat_ngram=0, max_new_tokens=10)
     greedy = base.generate([prompt], 10, eos_id=tok.eos_id)[0]
-    assert train.beam_search(base, prompt, cfg, tok.eos_id) == [t for t in greedy if t != tok.eos_id]
+    assert train.beam_search(base, [prompt], cfg, tok.eos_id) == [[t for t in greedy if t != tok.eos_id]]
     assert train.repeated_ngram_ban([1, 2, 3, 1, 2], 3) == {3}
     assert train.repeated_ngram_ban([1, 2, 3], 3) == set()
-    out = train.beam_search(base, prompt, train.TrainConfig(beam=3, no_repeat_ngram=2, max_new_tokens=12), tok.eos_id)
+    cfg = train.TrainConfig(beam=3, no_repeat_ngram=2, max_new_tokens=12)
+    out, = train.beam_search(base, [prompt], cfg, tok.eos_id)
     bigrams = list(zip(out, out[1:]))
     assert len(bigrams) == len(set(bigrams))
 
@@ -488,8 +770,196 @@ def test_real_model_lora_parameter_count():
     net, _ = train.prepare(net, train.TrainConfig())
     # r=4 on q (576 -> 576) and v (576 -> 192) in 30 layers: A [4, 576] and B [out, 4] each
     assert train.count_parameters(net)[0] == 30 * (4 * 576 + 576 * 4 + 4 * 576 + 192 * 4) == 230_400
-    ids, n_prompt = train.encode_example(tok, "name[Aromi]", "Aromi.", 64)
-    assert tok.decode(ids[n_prompt:-1]) == " Aromi." and ids[-1] == tok.eos_id
+    ids, is_target = train.encode_example(tok, "name[Aromi]", "Aromi.", 64)
+    assert tok.decode(ids[is_target.index(True):-1]) == " Aromi." and ids[-1] == tok.eos_id
+
+
+def e2e_folder(tmp_path, **files):
+    """A data folder holding the given E2E CSVs: name (trainset, devset, testset_w_refs) -> bytes or str."""
+    folder = tmp_path / "e2e"
+    folder.mkdir(exist_ok=True)
+    for name, body in files.items():
+        (folder / f"{name}.csv").write_bytes(body if isinstance(body, bytes) else body.encode())
+    return folder
+
+
+GOOD_CSV = "mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """train.load_model fails the test: what it guards must be refused before any model work."""
+    def load_model(path):
+        raise AssertionError("the model was loaded before the bad input was noticed")
+    monkeypatch.setattr(train, "load_model", load_model)
+
+
+BAD_FLAGS = {"rank 0": dict(rank=0), "rank -2": dict(rank=-2), "unknown target": dict(targets="q,foo"),
+             "no steps": dict(steps=0), "no batch": dict(batch_size=0), "no eval batch": dict(eval_batch=0),
+             "no seq-len": dict(seq_len=0), "adapter nowhere": dict(adapter="/nowhere/adapter"),
+             "lr nan": dict(lr=float("nan")), "dropout 1.5": dict(dropout=1.5), "method": dict(method="lora2")}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS) + ["out unwritable"])
+def test_bad_flag_is_a_usage_error_naming_it_before_any_model_work(tmp_path, case, no_model):
+    (tmp_path / "a-file").write_text("not a folder")
+    bad = BAD_FLAGS.get(case) or dict(out=str(tmp_path / "a-file" / "out"))
+    data = e2e_folder(tmp_path, devset=GOOD_CSV, testset_w_refs=GOOD_CSV)
+    cfg = train.TrainConfig(**{"e2e_dir": str(data), "out": str(tmp_path / "out"), **bad})
+    flag = "--" + next(iter(bad)).replace("_", "-")
+    with pytest.raises(train.UsageError, match=flag):
+        train.main(cfg, log=lambda s: None)
+
+
+def test_command_line_refuses_a_bad_flag_with_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(["--rank", "-2"])
+    assert exit_.value.code == 2 and "--rank must be at least 1, got -2" in capsys.readouterr().err
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_before_scoring(tmp_path, monkeypatch):
+    base, tok, _ = tiny_setup()                                     # context: 512 tokens
+    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    data = e2e_folder(tmp_path, devset=GOOD_CSV, testset_w_refs=GOOD_CSV)
+    cfg = train.TrainConfig(e2e_dir=str(data), out=str(tmp_path / "out"), max_new_tokens=500)
+    with pytest.raises(train.UsageError, match="--max-new-tokens 500"):
+        train.main(cfg, log=lambda s: None)
+    assert not (tmp_path / "out" / "predictions_base.txt").exists()
+
+
+BAD_DATA = {  # folder contents -> what the error names
+    "training split with a header only": (dict(trainset="mr,ref\n", testset_w_refs=GOOD_CSV),
+                                          r"trainset.csv: a header and no rows"),
+    "test split with a header only": (dict(trainset=GOOD_CSV, testset_w_refs="mr,ref\n"),
+                                      r"testset_w_refs.csv: a header and no rows"),
+    "only the test split": (dict(testset_w_refs=GOOD_CSV), r"e2e: no training split"),
+    "a missing cell": (dict(devset=GOOD_CSV + '"name[X]"\n', testset_w_refs=GOOD_CSV),
+                       r"devset.csv, line 7: the ref cell is empty or missing"),
+    "latin-1 bytes": (dict(devset=GOOD_CSV.encode() + '"name[Café]","Nice."\n'.encode("latin-1"),
+                           testset_w_refs=GOOD_CSV), r"devset.csv, line 7: not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_refused_with_file_and_line_before_any_model_work(tmp_path, case, no_model):
+    files, message = BAD_DATA[case]
+    cfg = train.TrainConfig(e2e_dir=str(e2e_folder(tmp_path, **files)), out=str(tmp_path / "out"))
+    with pytest.raises(e2e.DataError, match=message):
+        train.main(cfg, log=lambda s: None)
+
+
+def test_batches_of_no_examples_fail_instead_of_spinning():
+    with pytest.raises(ValueError, match="no training examples"):
+        next(train.batches([], 2, random.Random(0)))
+
+
+def test_a_run_failing_in_evaluation_still_writes_results_and_adapter(tmp_path, monkeypatch):
+    base, tok, _ = tiny_setup()
+    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    def broken_scorer(hyps, refs):
+        raise RuntimeError("scorer broke")
+    monkeypatch.setattr(train, "e2e_metrics", broken_scorer)
+    data = e2e_folder(tmp_path, devset=GOOD_CSV, testset_w_refs=GOOD_CSV)
+    cfg = train.TrainConfig(e2e_dir=str(data), out=str(tmp_path / "out"), steps=2, batch_size=2,
+                            max_new_tokens=4, no_baseline=True)
+    with pytest.raises(RuntimeError, match="scorer broke"):
+        train.main(cfg, log=lambda s: None)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["failed"] == "RuntimeError: scorer broke"
+    run = results["runs"][0]
+    assert len(results["runs"]) == 1 and run["final_loss"] > 0 and "BLEU" not in run
+    fresh = copy.deepcopy(base)
+    lora.load_adapter(fresh, tmp_path / "out" / "adapter")        # the trained adapter is there, whole
+    assert lora_layers(fresh)
+
+
+def grads(net):
+    return [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    base, _, examples = tiny_setup()
+    cfg = train.TrainConfig(dropout=0.0, label_smoothing=0.1)
+    net, _ = train.prepare(copy.deepcopy(base), cfg)
+    randomize_lora(net)                                  # B != 0, so that A gets a gradient too
+    loss_two, _ = train.accumulate(net, [train.collate(examples[:2]), train.collate(examples[2:])], cfg)
+    two = grads(net)
+    net.zero_grad()
+    loss_one, _ = train.accumulate(net, [train.collate(examples)], cfg)
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(two, grads(net)))
+
+
+def test_gradient_is_clipped_to_max_grad_norm():
+    base, _, examples = tiny_setup()
+    net, _ = train.prepare(copy.deepcopy(base), train.TrainConfig(dropout=0.0))
+    _, norm = train.accumulate(net, [train.collate(examples)], train.TrainConfig())    # no clipping
+    unclipped = torch.cat([g.flatten() for g in grads(net)]).norm().item()
+    net.zero_grad()
+    _, again = train.accumulate(net, [train.collate(examples)], train.TrainConfig(max_grad_norm=0.01))
+    assert norm == pytest.approx(unclipped, rel=1e-5) and again == pytest.approx(norm, rel=1e-5)
+    assert torch.cat([g.flatten() for g in grads(net)]).norm().item() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_all_linear_targets_and_rslora_scale():
+    base, _, _ = tiny_setup()
+    net, lcfg = train.prepare(copy.deepcopy(base), train.TrainConfig(targets="all-linear", rank=4, alpha=8,
+                                                                      rslora=True))
+    assert len(lora_layers(net)) == 7 * 2 and set(lcfg.targets) == set(lora.TARGET_NAMES.values())
+    assert all(m.scale == pytest.approx(8 / 2) for m in lora_layers(net).values())   # alpha / sqrt(r)
+
+
+def jsonl(path, pairs):
+    path.write_text("".join(json.dumps({"prompt": f"{mr}\n", "completion": ref}) + "\n" for mr, ref in pairs))
+    return path
+
+
+def test_own_data_run_reports_validation_loss_and_saves_the_adapter(tmp_path, monkeypatch):
+    base, tok, _ = tiny_setup()
+    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    data = jsonl(tmp_path / "my.jsonl", PAIRS * 2)
+    cfg = train.TrainConfig(data=str(data), out=str(tmp_path / "out"), steps=6, batch_size=2, lr=3e-2,
+                            warmup=1, val_fraction=0.2, eval_every=2, log_every=100)
+    lines = []
+    results = train.main(cfg, log=lines.append)
+    assert (results["train_examples"], results["val_examples"]) == (8, 2)
+    val = results["runs"][0]["val_losses"]
+    assert [step for step, _ in val] == [2, 4, 6] and val[-1][1] < val[0][1]
+    assert any("validation loss" in line for line in lines)
+    fresh = copy.deepcopy(base)
+    lora.load_adapter(fresh, tmp_path / "out" / "adapter")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]["val_losses"] == val
+
+
+def test_resumed_run_has_the_same_losses_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    base, tok, _ = tiny_setup()
+    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    data = jsonl(tmp_path / "my.jsonl", PAIRS * 3)
+    common = dict(data=str(data), steps=6, batch_size=2, grad_accum=2, lr=1e-2, warmup=2, dropout=0.1,
+                  val_fraction=0.2, eval_every=2, save_every=3, log_every=100)
+    straight = train.main(train.TrainConfig(out=str(tmp_path / "a"), **common), log=lambda s: None)
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    resumed = train.main(train.TrainConfig(out=str(tmp_path / "b"), resume=str(checkpoint), **common),
+                         log=lambda s: None)
+    a, b = straight["runs"][0], resumed["runs"][0]
+    assert len(a["losses"]) == len(b["losses"]) == 6 and a["losses"] == b["losses"]
+    assert a["val_losses"] == b["val_losses"]
+    for key, t in load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors").items():
+        assert torch.equal(t, load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")[key])
+    with pytest.raises(train.UsageError, match="--rank 4 there, 8 here"):
+        train.main(train.TrainConfig(out=str(tmp_path / "c"), resume=str(checkpoint), **{**common, "rank": 8}))
+
+
+def test_batched_beam_search_equals_one_prompt_at_a_time():
+    base, tok, _ = tiny_setup(seed=3)
+    prompts = [tok.encode(f"{mr}\n") for mr, _ in PAIRS] + [tok.encode("x\n")]
+    greedy = base.generate(prompts, 8)
+    later = [t for out in greedy for t in out[2:]]
+    eos = max(set(later), key=later.count)                                  # an end token that occurs,
+    cfg = train.TrainConfig(beam=3, no_repeat_ngram=2, max_new_tokens=10)   # so prompts finish apart
+    together = train.beam_search(base, prompts, cfg, eos)
+    alone = [train.beam_search(base, [p], cfg, eos)[0] for p in prompts]
+    assert together == alone and len({len(out) for out in alone}) > 1
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -552,7 +1022,7 @@ def test_main_sweep_writes_results_for_every_cell(tmp_path, monkeypatch):
     (data / "devset.csv").write_text(rows)
     (data / "testset_w_refs.csv").write_text(rows)
     monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
-    cfg = train.TrainConfig(data=str(data), out=str(tmp_path / "out"), sweep=True, steps=1, batch_size=2,
+    cfg = train.TrainConfig(e2e_dir=str(data), out=str(tmp_path / "out"), sweep=True, steps=1, batch_size=2,
                             eval_limit=2, baseline_limit=1, max_new_tokens=4)
     lines = []
     results = train.main(cfg, log=lines.append)
@@ -571,7 +1041,7 @@ def test_main_scores_a_saved_adapter_like_the_run_that_made_it(tmp_path, monkeyp
     (data / "testset_w_refs.csv").write_text("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS))
     (data / "trainset.csv").write_text("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS))
     monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
-    common = dict(data=str(data), steps=3, batch_size=2, lr=3e-2, max_new_tokens=6, no_baseline=True)
+    common = dict(e2e_dir=str(data), steps=3, batch_size=2, lr=3e-2, max_new_tokens=6, no_baseline=True)
     trained = train.main(train.TrainConfig(out=str(tmp_path / "a"), **common), log=lambda s: None)
     loaded = train.main(train.TrainConfig(out=str(tmp_path / "b"), adapter=str(tmp_path / "a" / "adapter"), **common),
                         log=lambda s: None)
@@ -637,6 +1107,17 @@ def segments_of(adapter_ids):
     return order.to(DEV), seg_starts.int().to(DEV), seg_adapter.int().to(DEV)
 
 
+def plan_of(ad, seg_starts, seg_adapter, max_rank, per_token):
+    """kernels.plan_lora over the tables of make_lora."""
+    return kernels.plan_lora(ad.pool, ad.page_ids, ad.a_start, ad.b_start, ad.ranks, ad.scales,
+                             seg_starts, seg_adapter, max_rank, per_token=per_token)
+
+
+def one_each(adapter_ids):
+    """MBGMV's segments: every token its own (seg_starts [N+1], seg_adapter [N])."""
+    return torch.arange(len(adapter_ids) + 1, dtype=torch.int32, device=DEV), adapter_ids
+
+
 RANKS = [0, 1, 5, 128, 17, 16, 3]           # slot 0: base model; 1..128 mixed in one launch
 
 
@@ -650,14 +1131,14 @@ def test_shrink_expand_equal_dense_lora(dtype, out_dim):
     ids = torch.randint(0, len(RANKS), (N,), generator=g, dtype=torch.int32)
     ids[:3] = torch.tensor([0, 3, 1], dtype=torch.int32)      # base tokens and rank 128 present
     ids = ids.to(DEV)
-    args = (ad.pool, ad.page_ids, ad.a_start, ad.ranks, ids, 128)
-    z = kernels.lora_shrink(x, *args, use_triton=True)
-    torch.testing.assert_close(z, kernels.lora_shrink_ref(x, *args), atol=1e-5, rtol=1e-5)
-    eargs = (ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales, ids, out_dim)
-    delta = kernels.lora_expand(z, *eargs, use_triton=True)
+    plan = plan_of(ad, *one_each(ids), 128, per_token=True)     # MBGMV: tokens in any order
+    z = kernels.lora_shrink(x, ad.pool, plan, use_triton=True)
+    torch.testing.assert_close(z, kernels.lora_shrink_ref(x, ad.pool, plan), atol=1e-5, rtol=1e-5)
+    delta = kernels.lora_expand(z, ad.pool, plan, out_dim, use_triton=True)
     assert delta.dtype == dtype and delta.shape == (N, out_dim)
     torch.testing.assert_close(delta.double().cpu(), dense_lora(x, ad, ids), **TOL[dtype])
-    torch.testing.assert_close(delta, kernels.lora_expand_ref(z, *eargs), **TOL[dtype])
+    torch.testing.assert_close(delta, kernels.lora_expand_ref(z, ad.pool, plan, out_dim),
+                               **TOL[dtype])
     assert (delta[ids == 0] == 0).all()
 
 
@@ -671,19 +1152,19 @@ def test_segments_agree_with_per_token(dtype):
     x = torch.randn(N, H, generator=g).to(dtype).to(DEV)
     order, seg_starts, seg_adapter = segments_of(ids)
     xs = x[order]
-    z_tok = kernels.lora_shrink(x, ad.pool, ad.page_ids, ad.a_start, ad.ranks, ids, 40,
-                                use_triton=True)
-    sargs = (ad.pool, ad.page_ids, ad.a_start, ad.ranks, seg_starts, seg_adapter, 40)
-    z_seg = kernels.lora_shrink_segments(xs, *sargs, use_triton=True)
+    per_token = plan_of(ad, *one_each(ids), 40, per_token=True)
+    segments = plan_of(ad, seg_starts, seg_adapter, 40, per_token=False)
+    assert (per_token.tiles.tokens, segments.tiles.tokens) == (1, 16)   # MBGMV and MBGMM tiles
+    z_tok = kernels.lora_shrink(x, ad.pool, per_token, use_triton=True)
+    z_seg = kernels.lora_shrink(xs, ad.pool, segments, use_triton=True)
     torch.testing.assert_close(z_seg, z_tok[order], atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(z_seg, kernels.lora_shrink_segments_ref(xs, *sargs),
+    torch.testing.assert_close(z_seg, kernels.lora_shrink_ref(xs, ad.pool, segments),
                                atol=1e-4, rtol=1e-5)
-    d_tok = kernels.lora_expand(z_tok, ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales,
-                                ids, O, use_triton=True)
-    eargs = (ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales, seg_starts, seg_adapter, O)
-    d_seg = kernels.lora_expand_segments(z_seg, *eargs, use_triton=True)
+    d_tok = kernels.lora_expand(z_tok, ad.pool, per_token, O, use_triton=True)
+    d_seg = kernels.lora_expand(z_seg, ad.pool, segments, O, use_triton=True)
     torch.testing.assert_close(d_seg, d_tok[order], **TOL[dtype])
-    torch.testing.assert_close(d_seg, kernels.lora_expand_segments_ref(z_seg, *eargs), **TOL[dtype])
+    torch.testing.assert_close(d_seg, kernels.lora_expand_ref(z_seg, ad.pool, segments, O),
+                               **TOL[dtype])
     torch.testing.assert_close(d_seg.double().cpu(), dense_lora(xs, ad, ids[order]), **TOL[dtype])
 
 
@@ -695,15 +1176,13 @@ def test_every_output_element_is_written():
     ids = torch.tensor([0, 1, 2, 0, 2, 2, 1, 0, 0], dtype=torch.int32, device=DEV)
     x = torch.randn(N, H, device=DEV)
     nan = lambda *shape: torch.full(shape, float("nan"), device=DEV)   # noqa: E731
-    z = kernels.lora_shrink(x, ad.pool, ad.page_ids, ad.a_start, ad.ranks, ids, 20,
-                            out=nan(N, 20), use_triton=True)
-    d = kernels.lora_expand(z, ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales, ids, O,
-                            out=nan(N, O), use_triton=True)
+    per_token = plan_of(ad, *one_each(ids), 20, per_token=True)
+    z = kernels.lora_shrink(x, ad.pool, per_token, out=nan(N, 20), use_triton=True)
+    d = kernels.lora_expand(z, ad.pool, per_token, O, out=nan(N, O), use_triton=True)
     order, seg_starts, seg_adapter = segments_of(ids)
-    zs = kernels.lora_shrink_segments(x[order], ad.pool, ad.page_ids, ad.a_start, ad.ranks,
-                                      seg_starts, seg_adapter, 20, out=nan(N, 20), use_triton=True)
-    ds = kernels.lora_expand_segments(zs, ad.pool, ad.page_ids, ad.b_start, ad.ranks, ad.scales,
-                                      seg_starts, seg_adapter, O, out=nan(N, O), use_triton=True)
+    segments = plan_of(ad, seg_starts, seg_adapter, 20, per_token=False)
+    zs = kernels.lora_shrink(x[order], ad.pool, segments, out=nan(N, 20), use_triton=True)
+    ds = kernels.lora_expand(zs, ad.pool, segments, O, out=nan(N, O), use_triton=True)
     for out in (z, d, zs, ds):
         assert torch.isfinite(out).all()
     assert (z[ids == 0] == 0).all() and (z[ids == 1, 3:] == 0).all() and (d[ids == 0] == 0).all()
@@ -736,54 +1215,52 @@ def test_checked_step_equals_dense_lora_on_cpu_and_in_triton(per_token, dtype, c
     else:
         segments = (torch.tensor([0, 2, 3, 6, 7, 9], dtype=torch.int32, device=DEV),
                     torch.tensor([2, 0, 1, 3, 2], dtype=torch.int32, device=DEV))
-    step = kernels.plan_lora(ad.pool, ad.page_ids, ad.a_start, ad.b_start, ad.ranks, ad.scales, *segments, 17,
-                             per_token=per_token)
-    assert [(t0, t1) for t0, t1, *_ in step.runs] == [(0, 2), (3, 6), (6, 7), (7, 9)]   # base run skipped
-    assert all(isinstance(rows, slice) == consecutive for run in step.runs for rows in run[2:4])
+    plan = plan_of(ad, *segments, 17, per_token=per_token)
+    assert [(t0, t1) for t0, t1, *_ in plan.runs] == [(0, 2), (3, 6), (6, 7), (7, 9)]   # base run skipped
+    assert all(isinstance(rows, slice) == consecutive for run in plan.runs for rows in run[2:4])
     want = dense_lora(x, ad, ids)
     for use_triton in (False, True):
-        delta = kernels.lora_apply(x, ad.pool, step, O, use_triton=use_triton)
+        delta = kernels.lora_apply(x, ad.pool, plan, O, use_triton=use_triton)
         assert delta.dtype == dtype
         torch.testing.assert_close(delta.double(), want, **TOL[dtype])
     with pytest.raises(ValueError, match=r"page_ids\[\d+\] = \d+ is outside \[0, 30\)"):   # checked once, here
         kernels.plan_lora(ad.pool[:30], ad.page_ids, ad.a_start, ad.b_start, ad.ranks, ad.scales, *segments, 17)
-    with pytest.raises(ValueError, match="does not fit a step of 9 tokens"):
-        kernels.lora_apply(x[:5], ad.pool, step, O)
+    with pytest.raises(ValueError, match="does not fit a plan of 9 tokens"):
+        kernels.lora_apply(x[:5], ad.pool, plan, O)
 
 
 def test_bad_arguments_raise_clear_errors():
     ad = make_lora(16, 16, [0, 2, 3], torch.float32, seed=5)
     x, ids = torch.randn(4, 16, device=DEV), torch.tensor([0, 1, 2, 1], device=DEV)
-    shrink = lambda **kw: kernels.lora_shrink(**{**dict(   # noqa: E731
-        x=x, pool_l=ad.pool, page_ids=ad.page_ids, a_start=ad.a_start, ranks=ad.ranks,
-        adapter_ids=ids, max_rank=4), **kw})
-    with pytest.raises(ValueError, match=r"adapter_ids\[2\] = 7"):
-        shrink(adapter_ids=torch.tensor([0, 1, 7, 1], device=DEV))
+    plan = lambda **kw: kernels.plan_lora(**{**dict(   # noqa: E731
+        pool_l=ad.pool, page_ids=ad.page_ids, a_start=ad.a_start, b_start=ad.b_start,
+        ranks=ad.ranks, scales=ad.scales, seg_starts=one_each(ids)[0], seg_adapter=ids,
+        max_rank=4, per_token=True), **kw})
+    with pytest.raises(ValueError, match=r"seg_adapter\[2\] = 7"):
+        plan(seg_adapter=torch.tensor([0, 1, 7, 1], device=DEV))
     with pytest.raises(ValueError, match=r"page_ids\[1\] = 999"):
-        shrink(page_ids=torch.cat([ad.page_ids[:1], ad.page_ids.new_tensor([999]),
-                                   ad.page_ids[2:]]))
+        plan(page_ids=torch.cat([ad.page_ids[:1], ad.page_ids.new_tensor([999]),
+                                 ad.page_ids[2:]]))
     with pytest.raises(ValueError, match=r"a_start \+ ranks\[2\] = 11"):   # 10 pages, rank 3
-        shrink(a_start=torch.tensor([0, 0, 8], dtype=torch.int32, device=DEV))
+        plan(a_start=torch.tensor([0, 0, 8], dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match=r"ranks\[2\] = 3"):
-        shrink(max_rank=2)
-    with pytest.raises(ValueError, match="pool_l .* does not fit x"):
-        shrink(pool_l=ad.pool.half())
+        plan(max_rank=2)
+    with pytest.raises(ValueError, match=r"x \(4, 16\) torch.float32 does not fit .*float16"):
+        kernels.lora_shrink(x, ad.pool.half(), plan())
     with pytest.raises(ValueError, match="x must be 2-D"):
-        shrink(x=x[None])
-    with pytest.raises(ValueError, match=r"seg_starts \(last\)"):
-        kernels.lora_shrink_segments(x, ad.pool, ad.page_ids, ad.a_start, ad.ranks,
-                                     torch.tensor([0, 2, 3], device=DEV),
-                                     torch.tensor([1, 2], device=DEV), 4)
+        kernels.lora_shrink(x[None], ad.pool, plan())
+    with pytest.raises(ValueError, match="does not fit a plan of 3 tokens"):   # segments end early
+        kernels.lora_shrink(x, ad.pool, plan(seg_starts=torch.tensor([0, 2, 3], device=DEV),
+                                             seg_adapter=torch.tensor([1, 2], device=DEV)))
     with pytest.raises(ValueError, match="out_dim"):
-        kernels.lora_expand(torch.zeros(4, 4, device=DEV), ad.pool, ad.page_ids, ad.b_start,
-                            ad.ranks, ad.scales, ids, 17)
+        kernels.lora_expand(torch.zeros(4, 4, device=DEV), ad.pool, plan(), 17)
     kv = make_kv([4, 1], n_heads=4, n_kv_heads=2, head_dim=6, dtype=torch.float32)
     q2 = kv.q[[3, 4]]
     with pytest.raises(ValueError, match=r"block_table\[0, 1, 0\] = 50"):
         bad = kv.block_table.clone()
         bad[0, 1, 0] = 50
         kernels.paged_attention_decode(q2, kv.pool, bad, kv.lens, 2)
-    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 9"):
+    with pytest.raises(ValueError, match=r"positions\[1\] = 8 is outside \[0, 4\)"):   # seq_lens 9
         kernels.paged_attention_decode(q2, kv.pool, kv.block_table, kv.lens.new_tensor([4, 9]), 2)
     with pytest.raises(ValueError, match="n_kv_heads"):
         kernels.paged_attention_decode(q2, kv.pool, kv.block_table, kv.lens, 3)
@@ -873,6 +1350,58 @@ def test_full_prefill_then_decode_agree_without_gqa():
     dec = kernels.paged_attention_decode(kv.q[[2, 6]], kv.pool, kv.block_table, kv.lens, 2,
                                          use_triton=True)
     torch.testing.assert_close(dec, pre[[2, 6]], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_nan_in_free_pages_page_0_and_unused_slots_reaches_no_request(use_triton):
+    """Block-table padding points at page 0; page 0, every free page and every slot past a
+    request's length hold NaN. Each request reads only its own positions (masked, never
+    multiplied by 0), so every output is finite and equals the dense attention."""
+    lens = [1, 7, 40, 5]
+    kv = make_kv(lens, n_heads=6, n_kv_heads=2, head_dim=12, dtype=torch.float32)
+    g, kv_dim = kv.per_page, kv.k.shape[1]
+    pool = torch.cat([torch.full_like(kv.pool[:1], float("nan")), kv.pool])   # a new page 0
+    table, owned = kv.block_table + 1, set()
+    for r, n in enumerate(lens):
+        blocks = math.ceil(n / g)
+        table[r, blocks:] = 0                                  # padding, as UnifiedPool pads
+        owned |= set(table[r, :blocks].flatten().tolist())
+        for p in range(n, blocks * g):                         # slots past the request's length
+            pool[table[r, p // g], (p % g) * kv_dim:(p % g + 1) * kv_dim] = float("nan")
+    pool[[p for p in range(pool.shape[0]) if p not in owned]] = float("nan")
+    last = torch.tensor([sum(lens[:r + 1]) - 1 for r in range(len(lens))], device=DEV)
+    dec = kernels.paged_attention_decode(kv.q[last], pool, table, kv.lens, 2, use_triton=use_triton)
+    rows = torch.cat([last, torch.arange(8, 48, device=DEV)])  # a token of each + a long chunk
+    pre = kernels.paged_attention_prefill(kv.q[rows], pool, table, kv.seq_ids[rows],
+                                          kv.positions[rows], 2, use_triton=use_triton)
+    assert torch.isfinite(dec).all() and torch.isfinite(pre).all()
+    torch.testing.assert_close(dec.double().cpu(), dense_attention(kv, last).cpu(),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pre.double().cpu(), dense_attention(kv, rows).cpu(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
+    """What the engine can launch (each dtype, decode and prefill tiles, shrink, expand and
+    attention for head dims up to 128), compiled by Triton's own ptxas without a GPU: every
+    variant for sm_90 and the bfloat16 ones for sm_80 (all of sm_80: `python kernels.py
+    --compile`, kept out of the suite for time). No register spills, shared memory that fits.
+    In a child process: this one runs Triton's interpreter, which cannot compile."""
+    import subprocess
+    import sys
+    code = ("import json, torch, kernels\n"
+            "print(json.dumps([(label, str(dtype), arch, kernels.compile_for(k, dtype, c, arch))\n"
+            "    for label, dtype, k, c in kernels.kernel_variants()\n"
+            "    for arch in ((90, 80) if dtype == torch.bfloat16 else (90,))]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(kernels.__file__)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = json.loads(run.stdout.splitlines()[-1])
+    assert len(compiled) == 3 * 2 * 2 + 3 * 4 + 8      # (shrink, expand) x 2 shapes, 4 head dims
+    for label, dtype, arch, (regs, spilled, shared) in compiled:
+        assert 0 < regs <= 255 and spilled == 0, (label, dtype, arch, regs, spilled)
+        assert shared <= 99 * 1024, (label, dtype, arch, shared)   # fits every sm_80+ GPU
 
 
 # ------------------------------------------------------------------------------ unified pool (paging.py) and scheduler (scheduler.py)
@@ -1047,10 +1576,58 @@ def test_prefetch_loads_without_evicting_used_or_wanted_adapters():
     assert list(pool.resident) == ["a", "c", "d"]
 
 
+def test_a_name_registers_once_and_unregister_frees_only_unused_adapters():
+    pool = make_pool(24, [make_adapter("a", 2)])
+    with pytest.raises(ValueError, match="'a' is already registered"):
+        pool.register(make_adapter("a", 3, seed=1))
+    pool.acquire("a")
+    with pytest.raises(ValueError, match="used by 1 running"):
+        pool.unregister("a")
+    assert "a" in pool.host and pool.stats().adapter == 8      # refused: nothing changed
+    pool.release("a")
+    pool.unregister("a")
+    assert not pool.host and not pool.resident and pool.stats().free == 24
+    pool.register(make_adapter("a", 3, seed=1))                # the name is free again
+    pool.acquire("a")
+    assert pool.kernel_tables(["a"])["q_proj"].ranks.tolist() == [0, 3]
+    pool.register(make_adapter("b", 1))
+    pool.unregister("b")                                       # registered, never loaded
+    with pytest.raises(KeyError, match="'b' is not registered"):
+        pool.unregister("b")
+    with pytest.raises(AdapterError, match="'nan'.*not finite"):
+        pool.register(HostAdapter("nan", 1, float("nan"), {"q_proj": torch.zeros(L, 2, H)},
+                                  {"q_proj": H}))
+
+
+@pytest.mark.parametrize("case", ["one layer's shape", "A width", "missing layer", "B too wide"])
+def test_adapter_shape_problems_are_adapter_errors_naming_adapter_and_problem(case):
+    tensors, dim = peft_tensors(2, ("q_proj", "v_proj")), None
+    key = lora.peft_key(1, "v_proj", "lora_A")
+    if case == "one layer's shape":
+        tensors[key] = tensors[key][:, 1:]
+        want = r"'x'.*layers\.1\.self_attn\.v_proj\.lora_A.*\[2, 11\], layer 0 \[2, 12\]"
+    elif case == "A width":                   # an adapter of a model with H = 12, this one 16
+        dim, want = 16, r"'x': q_proj has A of input width 12 .* H = 16"
+    elif case == "missing layer":
+        tensors[lora.peft_key(5, "v_proj", "lora_A")] = tensors.pop(key)
+        want = r"'x': missing .*layers\.1\.self_attn\.v_proj\.lora_A"
+    else:                                     # B [2H, r]: more outputs than a page holds
+        for i in range(L):
+            tensors[lora.peft_key(i, "q_proj", "lora_B")] = torch.zeros(2 * H, 2)
+        want = r"'x': q_proj has A of input width 12 and B of output width 24"
+    with pytest.raises(AdapterError, match=want):
+        HostAdapter.from_peft("x", LoRAConfig(r=2, targets=("q_proj", "v_proj")), tensors, L, dim)
+
+
 # ------------------------------------------------------------------------------ scheduler
 
+def kv_of(n_tokens):
+    """KV pages of n tokens in the test pool: 2 ceil(n / G)."""
+    return kv_pages(n_tokens, G)
+
+
 def sched(pages=100, policy="fcfs", **kw):
-    return Scheduler(SchedulerConfig(policy=policy, **kw), pages, G, {"x": 8, "y": 8, "z": 8})
+    return Scheduler(SchedulerConfig(policy=policy, **kw), pages, kv_of, {"x": 8, "y": 8, "z": 8})
 
 
 def test_requests_join_within_one_step_and_share_it_with_decodes():
@@ -1073,9 +1650,9 @@ def test_request_failed_by_the_engine_leaves_the_batch():
     s.submit(a)
     s.submit(b)
     step = s.schedule(0.0)
-    s.fail(b, 0.05)                                   # e.g. its adapter could not be loaded
-    assert s.advance(step, 0.1) == [] and s.running == [a] and b.state == State.FAILED and b.n_generated == 0
-    assert s.reserved_pages() == 2 * 2 + 8            # 2 ceil(5/3) KV pages + adapter x only
+    s.remove(b)                                       # e.g. its adapter could not be loaded
+    assert s.advance(step, 0.1) == [] and s.running == [a] and b.n_generated == 0
+    assert s.reserved() == (2 * 2, 8)                 # 2 ceil(5/3) KV pages + adapter x only
 
 
 def test_prompt_that_can_never_fit_is_rejected_at_submission():
@@ -1083,11 +1660,11 @@ def test_prompt_that_can_never_fit_is_rejected_at_submission():
     too_big = Request(0, 25, 10, "x")                 # 2 ceil(35/3) + 8 = 32 > 20 pages
     with pytest.raises(RequestRejected, match="whole pool"):
         s.submit(too_big)
-    assert too_big.state == State.FAILED and s.idle()
+    assert s.idle()                                   # not queued (the engine marks it FAILED)
     with pytest.raises(RequestRejected, match="unknown adapter"):
         s.submit(Request(1, 2, 2, "nope"))
     with pytest.raises(RequestRejected, match="max_prefill_tokens"):
-        Scheduler(SchedulerConfig(max_prefill_tokens=4), 100, G, {}).submit(Request(2, 5, 1))
+        Scheduler(SchedulerConfig(max_prefill_tokens=4), 100, kv_of, {}).submit(Request(2, 5, 1))
 
 
 def test_full_pool_makes_requests_wait_and_none_is_lost():
@@ -1098,7 +1675,7 @@ def test_full_pool_makes_requests_wait_and_none_is_lost():
     step, now, running_sizes = s.schedule(0.0), 0.0, []
     assert [r.id for r in step.prefill] == [0, 1]     # 6+8 + 6+8 = 28 <= 30; a third needs 14 more
     while not s.idle():
-        assert s.reserved_pages() <= 30
+        assert sum(s.reserved()) <= 30
         running_sizes.append(len(s.running))
         now += 1.0
         s.advance(step, now)
@@ -1147,7 +1724,7 @@ def test_1000_random_requests_run_to_completion_with_every_page_free():
     ads = [make_adapter(f"a{i}", rng.choice([1, 2, 4]), seed=i) for i in range(6)]
     pool = make_pool(P, ads)
     cfg = SchedulerConfig(policy="cluster", max_prefill_tokens=64, max_wait=3.0, ttft_slo=8.0)
-    s = Scheduler(cfg, P, G, {a.name: a.n_pages for a in ads})
+    s = Scheduler(cfg, P, kv_of, {a.name: a.n_pages for a in ads})
     now, pending, trace = 0.0, [], []
     for i in range(1000):
         now += rng.expovariate(8.0)
@@ -1165,7 +1742,7 @@ def test_1000_random_requests_run_to_completion_with_every_page_free():
             pool.allocate_kv(r.id, r.cache_len())
         pool.prefetch([r.adapter for r in s.waiting[:4] if r.adapter is not None])
         st = pool.stats()
-        assert st.used + st.free == P and st.kv + st.adapter == st.used and s.reserved_pages() <= P
+        assert st.used + st.free == P and st.kv + st.adapter == st.used and sum(s.reserved()) <= P
         now = now + 0.1 if step.requests or not pending else max(now, pending[0].arrival)
         for r in s.advance(step, now, frozenset(r.id for r in step.requests if rng.random() < 0.05)):
             pool.free_seq(r.id)
@@ -1179,22 +1756,28 @@ def test_1000_random_requests_run_to_completion_with_every_page_free():
     assert pool.stats().free == P
 
 
-# ------------------------------------------------------------------------------ serving (serve.py)
+# -------------------------------------------------------------- the engine (engine.py), the experiment (serve.py)
 
 ADAPTER_SPECS = {"a": (2, ("q_proj", "v_proj")), "b": (5, ("q_proj", "k_proj", "v_proj", "o_proj")),
                  "c": (1, ("o_proj",)), "d": (8, ("k_proj",))}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A tiny base model and four PEFT adapters of different ranks and targets on disk."""
-    base, root = tiny_llama(), tmp_path_factory.mktemp("adapters")
-    for i, (name, (r, targets)) in enumerate(ADAPTER_SPECS.items()):
+def write_adapters(base, specs, root):
+    """PEFT adapters {name: (rank, targets)} of base on disk, with random A and B (B is zero at
+    initialisation, which would make every adapter the base model)."""
+    for i, (name, (r, targets)) in enumerate(specs.items()):
         m, cfg = copy.deepcopy(base), LoRAConfig(r=r, alpha=2 * r, targets=targets)
         lora.add_lora(m, cfg)
         randomize_lora(m, seed=10 + i)
         lora.save_adapter(m, root / name, cfg)
-    return base, root
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny base model and four PEFT adapters of different ranks and targets on disk."""
+    base = tiny_llama()
+    return base, write_adapters(base, ADAPTER_SPECS, tmp_path_factory.mktemp("adapters"))
 
 
 def merged_alone(base, root, prompt, name, n):
@@ -1207,16 +1790,17 @@ def merged_alone(base, root, prompt, name, n):
 
 
 def mixed_requests(n=14, seed=1):
+    """(prompt, adapter name, new tokens) of n requests over the base model and adapters a-d."""
     g = torch.Generator().manual_seed(seed)
     names = [None, "a", "b", "c", "d"]
     return [(torch.randint(0, 259, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist(),
              names[i % 5], 3 + i % 6) for i in range(n)]
 
 
-@pytest.mark.parametrize("mode", serve.MODES)
+@pytest.mark.parametrize("mode", E.ENGINES)
 def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, mode):
     base, root = served
-    engine = serve.Engine(base, None, mode=mode, pool_pages=400)
+    engine = E.ENGINES[mode](base, None, pool_pages=400)
     for name in ADAPTER_SPECS:
         engine.add_adapter(name, str(root / name))
     reqs, ids = mixed_requests(), []
@@ -1236,17 +1820,17 @@ def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, m
 
 def test_unknown_adapter_and_oversized_prompt_fail_alone(served):
     base, root = served
-    engine = serve.Engine(base, None, pool_pages=60)
+    engine = E.Engine(base, None, pool_pages=60)
     engine.add_adapter("a", str(root / "a"))
     out = engine.generate([[1, 2, 3], [4, 5], list(range(200))], ["a", "nope", None], 4)
     assert out[0] == merged_alone(base, root, [1, 2, 3], "a", 4)
-    assert isinstance(out[1], serve.Failed) and "unknown adapter 'nope'" in out[1].reason
-    assert isinstance(out[2], serve.Failed) and "more than the whole pool" in out[2].reason
+    assert isinstance(out[1], E.Failed) and "unknown adapter 'nope'" in out[1].reason
+    assert isinstance(out[2], E.Failed) and "more than the whole pool" in out[2].reason
 
 
 def test_bad_adapter_refused_at_registration_others_still_served(served, tmp_path):
     base, root = served
-    engine = serve.Engine(base, None, pool_pages=200)
+    engine = E.Engine(base, None, pool_pages=200)
     engine.add_adapter("a", str(root / "a"))
     _write_adapter(tmp_path / "broken", {"use_dora": True})
     with pytest.raises(AdapterError, match="use_dora"):
@@ -1262,13 +1846,13 @@ def test_bad_adapter_refused_at_registration_others_still_served(served, tmp_pat
 def test_full_pool_makes_requests_wait_and_loses_nothing(served):
     base, root = served
     # 60 pages: adapter b takes 40, each request reserves 2 ceil((prompt + new) / 3) KV pages
-    engine = serve.Engine(base, None, pool_pages=60)
+    engine = E.Engine(base, None, pool_pages=60)
     for name in ADAPTER_SPECS:
         engine.add_adapter(name, str(root / name))
     reqs = mixed_requests(10, seed=3)
     out = engine.generate([p for p, _, _ in reqs], [a for _, a, _ in reqs], 6)
     assert out == [merged_alone(base, root, p, a, 6) for p, a, _ in reqs]
-    assert max(st.tokens for st in engine.step_times) < sum(len(p) for p, _, _ in reqs)   # never all at once
+    assert max(st.tokens for st in engine.stats) < sum(len(p) for p, _, _ in reqs)   # never all at once
     assert engine.pool.stats().kv == 0
 
 
@@ -1287,7 +1871,7 @@ def test_trace_statistics():
 
 def test_1000_request_trace_ends_with_every_page_free(served):
     base, root = served
-    engine = serve.Engine(base, None, pool_pages=150, ttft_slo=0.5, policy="cluster")
+    engine = E.Engine(base, None, pool_pages=150, ttft_slo=0.5, policy="cluster")
     for name in ADAPTER_SPECS:
         engine.add_adapter(name, str(root / name))
     t = serve.TraceConfig(rate=4000.0, duration=0.25, input_len="1,6", output_len="1,3", seed=2)
@@ -1299,6 +1883,276 @@ def test_1000_request_trace_ends_with_every_page_free(served):
     assert stats["aborted"] == states.count(State.ABORTED)
     assert engine.pool.stats().kv == 0 and engine.pool.stats().free + engine.pool.stats().adapter == 150
     assert all(res.refs == 0 for res in engine.pool.resident.values())
+
+
+# ------------------------------------------------------------------------------ the engine survives bad input, faults
+
+def assert_nothing_held(engine):
+    """Nothing waiting or running; no KV page, no adapter reference left."""
+    stats = engine.pool.stats()
+    assert not engine.pending() and not engine.live and not engine.holds_adapter
+    assert stats.kv == 0 and stats.free + stats.adapter == stats.total
+    assert all(res.refs == 0 for res in engine.pool.resident.values())
+
+
+BAD_REQUESTS = [  # (prompt, adapter, max_new_tokens, temperature), what the reason says
+    (([1, 259], None, 3, 0.0), r"token ids must be ints in \[0, 259\)"),
+    (([1, -2], None, 3, 0.0), "token ids"), (([1, 2.5], None, 3, 0.0), "token ids"),
+    (([1, True], None, 3, 0.0), "token ids"), (("hello", None, 3, 0.0), "list of token ids"),
+    (([], None, 3, 0.0), "non-empty"), (([1, 2], None, 2.5, 0.0), "max_new_tokens"),
+    (([1, 2], None, 0, 0.0), "max_new_tokens"), (([1] * 500, None, 20, 0.0), "max_seq_len=512"),
+    (([1, 2], None, 3, -1.0), "temperature"), (([1, 2], None, 3, float("nan")), "temperature"),
+    (([1, 2], "nope", 3, 0.0), "unknown adapter 'nope'"), (([1] * 30, "a", 30, 0.0), "whole pool")]
+
+
+def test_bad_requests_fail_alone_at_submission_holding_nothing(served):
+    base, root = served
+    engine = E.Engine(base, None, pool_pages=30)
+    engine.add_adapter("a", str(root / "a"))
+    good = engine.submit([1, 2, 3], "a", 4)
+    bad = [engine.submit(*args[:3], temperature=args[3]) for args, _ in BAD_REQUESTS]
+    for rid, (_, reason) in zip(bad, BAD_REQUESTS):
+        out = engine.result(rid)
+        assert isinstance(out, E.Failed) and out.state == State.FAILED and re.search(reason, out.reason)
+    assert engine.live == {good} and engine.pool.stats().kv == 0
+    while engine.step():
+        pass
+    assert engine.result(good) == merged_alone(base, root, [1, 2, 3], "a", 4)
+    assert_nothing_held(engine)
+
+
+def test_a_failed_load_or_step_fails_only_its_requests_and_serving_goes_on(served, monkeypatch):
+    base, root = served
+    engine = E.Engine(base, None, pool_pages=200)
+    for name in "ab":
+        engine.add_adapter(name, str(root / name))
+    load = engine.pool.load
+
+    def load_but_b(name, *args):
+        if name == "b":
+            raise OSError("disk gone")
+        return load(name, *args)
+    monkeypatch.setattr(engine.pool, "load", load_but_b)
+    out = engine.generate([[1, 2], [3, 4], [5]], ["a", "b", None], 3)
+    assert out[0] == merged_alone(base, root, [1, 2], "a", 3) and out[2] == merged_alone(base, root, [5], None, 3)
+    assert isinstance(out[1], E.Failed) and "'b' could not be loaded: OSError: disk gone" in out[1].reason
+    monkeypatch.setattr(engine.pool, "load", load)
+    forward, calls = base.forward_paged, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return forward(*args)
+    monkeypatch.setattr(base, "forward_paged", fails_once)
+    out = engine.generate([[1, 2], [3, 4]], ["a", "b"], 3)       # the second step raises
+    assert all(isinstance(o, E.Failed) and "RuntimeError: device lost" in o.reason for o in out)
+    assert engine.generate([[3, 4]], ["b"], 3) == [merged_alone(base, root, [3, 4], "b", 3)]
+    assert_nothing_held(engine)
+
+
+def test_non_finite_logits_fail_their_request_alone(served):
+    base, root = served
+    cfg = base.config
+    engine = E.Engine(base, None, pool_pages=300)
+    engine.add_adapter("a", str(root / "a"))
+    huge = HostAdapter.random("huge", cfg.n_layers, cfg.dim, {"v_proj": cfg.kv_dim}, rank=2)
+    huge.weights["v_proj"].mul_(1e25)           # finite weights whose products overflow float32
+    engine.register(huge)
+    with pytest.raises(AdapterError, match="not finite"):   # a non-finite scale is refused
+        engine.register(dataclasses.replace(huge, name="nan", scale=float("nan")))
+    assert list(engine.adapters) == ["a", "huge"] and "nan" not in engine.pool.host
+    out = engine.generate([[1, 2, 3], [4, 5], [6]], ["a", "huge", None], 4)
+    assert isinstance(out[1], E.Failed) and "not finite" in out[1].reason
+    assert out[0] == merged_alone(base, root, [1, 2, 3], "a", 4) and out[2] == merged_alone(base, root, [6], None, 4)
+    assert_nothing_held(engine)
+
+
+def test_a_name_registered_again_serves_new_requests_while_running_ones_finish(served):
+    base, root = served
+    engine = E.Engine(base, None, pool_pages=300)
+    engine.add_adapter("x", str(root / "a"))
+    first = engine.submit([1, 2, 3], "x", 6)
+    engine.step()                                      # running on the first version (rank 2)
+    engine.add_adapter("x", str(root / "b"))           # rank 5, other targets
+    second = engine.submit([1, 2, 3], "x", 6)
+    while engine.step():
+        pass
+    assert engine.result(first) == merged_alone(base, root, [1, 2, 3], "a", 6)
+    assert engine.result(second) == merged_alone(base, root, [1, 2, 3], "b", 6)
+    assert list(engine.pool.host) == [engine.adapters["x"]]   # the first version is gone
+    third = engine.submit([4, 5], "x", 5)
+    engine.step()
+    engine.remove_adapter("x")                         # deferred: the running request finishes
+    fourth = engine.submit([4, 5], "x", 5)
+    while engine.step():
+        pass
+    assert engine.result(third) == merged_alone(base, root, [4, 5], "b", 5)
+    assert "unknown adapter 'x'" in engine.result(fourth).reason
+    assert not engine.pool.host and engine.pool.stats().free == engine.pool.stats().total
+    with pytest.raises(KeyError, match="'x' is not registered"):
+        engine.remove_adapter("x")
+
+
+def test_generate_checks_its_lists_and_says_why_a_request_has_no_output(served):
+    base, _ = served
+    engine = E.Engine(base, None, pool_pages=300, ttft_slo=1e-9)   # every first token is late
+    with pytest.raises(ValueError, match="2 prompts but 1 adapter names"):
+        engine.generate([[1], [2]], [None], 3)
+    out = engine.generate([[1, 2]], [None], 3)[0]
+    assert isinstance(out, E.Failed) and out.state == State.ABORTED and "SLO" in out.reason
+
+
+def test_an_interrupted_generate_cancels_its_requests_and_cancel_frees_pages(served, monkeypatch):
+    base, root = served
+    engine = E.Engine(base, None, pool_pages=300)
+    engine.add_adapter("a", str(root / "a"))
+    forward, calls = base.forward_paged, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return forward(*args)
+    monkeypatch.setattr(base, "forward_paged", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([[1, 2], [3, 4, 5]], ["a", None], 8)
+    assert [engine.requests[i].state for i in (0, 1)] == [State.ABORTED] * 2
+    assert_nothing_held(engine)
+    rid = engine.submit([1, 2, 3], "a", 8)
+    engine.step()
+    assert engine.pool.stats().kv > 0 and engine.cancel(rid) and not engine.cancel(rid)
+    assert engine.result(rid) == E.Failed("cancelled", State.ABORTED)
+    assert_nothing_held(engine)
+    assert engine.generate([[7, 8]], ["a"], 3) == [merged_alone(base, root, [7, 8], "a", 3)]
+
+
+@pytest.mark.parametrize("options, problem", [
+    (dict(pool_pages=-5), "pool_pages = -5"), (dict(pool_pages=2.5), "pool_pages"),
+    (dict(adapter_reserve=0), "adapter_reserve = 0"), (dict(pool_pages=9, adapter_reserve=9), "adapter_reserve"),
+    (dict(policy="lifo"), "policy = 'lifo'"), (dict(ttft_slo=-1.0), "ttft_slo"),
+    (dict(ttft_slo=float("nan")), "ttft_slo"), (dict(prefetch=-1), "prefetch"),
+    (dict(max_prefill_tokens=0), "max_prefill_tokens"), (dict(mode="bmm"), "unexpected keyword argument 'mode'")])
+def test_engine_options_are_checked_at_construction(served, options, problem):
+    with pytest.raises(ValueError, match=problem):
+        E.Engine(served[0], None, **options)
+
+
+def test_an_unknown_engine_mode_is_named():
+    with pytest.raises(ValueError, match="unknown engine mode 'fast'; choose from .*no-unified"):
+        E.make_engine("fast", tiny_llama())
+
+
+def soak_adapters(cfg, n, rng, prefix="s"):
+    """n random adapters of ranks 1-4 on random servable targets."""
+    widths = paging.target_widths(cfg)
+    return [HostAdapter.random(f"{prefix}{i}", cfg.n_layers, cfg.dim,
+                               {t: w for t, w in widths.items() if rng.random() < 0.6} or {"q_proj": cfg.dim},
+                               rank=rng.choice([1, 2, 4]), seed=rng.randrange(10**6)) for i in range(n)]
+
+
+class AloneReference:
+    """Each request run alone on a fault-free engine that has every adapter version."""
+    def __init__(self, model):
+        self.engine, self.known, self.cache = E.Engine(model, None, pool_pages=400), {}, {}
+
+    def __call__(self, prompt, adapter, n):
+        key = (tuple(prompt), None if adapter is None else id(adapter), n)
+        if adapter is not None and id(adapter) not in self.known:
+            self.known[id(adapter)] = name = f"v{len(self.known)}"
+            self.engine.register(dataclasses.replace(adapter, name=name))
+        if key not in self.cache:
+            name = None if adapter is None else self.known[id(adapter)]
+            self.cache[key] = self.engine.generate([prompt], [name], n)[0]
+        return self.cache[key]
+
+
+def test_soak_faults_in_15_percent_of_forwards_lose_nothing_and_leak_nothing():
+    rng, model = random.Random(0), tiny_llama(seed=5)
+    adapters = soak_adapters(model.config, 50, rng)
+    alone, engine = AloneReference(copy.deepcopy(model)), E.Engine(model, None, pool_pages=250, policy="cluster")
+    for ad in adapters:
+        engine.register(ad)
+    forward = model.forward_paged
+
+    def faulty(*args):
+        if rng.random() < 0.15:
+            raise RuntimeError("injected fault")
+        return forward(*args)
+    model.forward_paged = faulty
+    requests = [([rng.randrange(259) for _ in range(rng.randint(1, 8))], rng.choice([None] + adapters),
+                 rng.randint(1, 4)) for _ in range(300)]
+    todo, rounds = list(range(300)), 0
+    while todo:                                         # the caller retries what failed
+        rounds, submitted = rounds + 1, {}
+        for i, k in enumerate(todo):
+            prompt, ad, n = requests[k]
+            submitted[engine.submit(prompt, None if ad is None else ad.name, n)] = k
+            if i % 10 == 9:
+                engine.step()
+        while engine.step() or engine.pending():
+            pass
+        todo = []
+        for rid, k in submitted.items():
+            out = engine.result(rid)
+            if isinstance(out, E.Failed):
+                assert "RuntimeError: injected fault" in out.reason
+                todo.append(k)
+            else:
+                assert out == alone(*requests[k]), k
+    assert 1 < rounds < 40
+    assert_nothing_held(engine)
+
+
+def test_soak_a_random_mix_of_good_and_bad_requests_adapters_and_cancellations(tmp_path):
+    rng, model = random.Random(1), tiny_llama(seed=6)
+    alone, engine = AloneReference(model), E.Engine(model, None, pool_pages=200, policy="cluster")
+    torch.manual_seed(0)
+    good = load_file(_write_adapter(tmp_path / "good") / "adapter_model.safetensors")
+    broken = []
+    for i, case in enumerate(list(BAD_ADAPTERS) + list(BAD_CONFIGS)):
+        tensors = {k: v.clone() for k, v in good.items()}
+        BAD_ADAPTERS.get(case, lambda t: None)(tensors)
+        broken.append(_write_adapter(tmp_path / f"bad{i}", BAD_CONFIGS.get(case), tensors))
+    version, valid, invalid = {}, {}, []             # name -> HostAdapter; rid -> (prompt, version, n)
+    for step in range(500):
+        action, names = rng.random(), list(version)
+        if action < 0.45:
+            ad = rng.choice([None] + names)
+            prompt, n = [rng.randrange(259) for _ in range(rng.randint(1, 10))], rng.randint(1, 5)
+            valid[engine.submit(prompt, ad, n)] = (prompt, version.get(ad), n)
+        elif action < 0.6:
+            bad = rng.choice([([300], None, 2), ([1, -1], None, 2), ([1] * 510, None, 5), ([], None, 2),
+                              ([1, 2], "missing", 2), ([1], None, 0), ("text", None, 2)])
+            invalid.append(engine.submit(*bad))
+        elif action < 0.68:
+            before = dict(engine.adapters)
+            with pytest.raises(AdapterError):
+                engine.add_adapter(rng.choice(names + ["new"]), str(rng.choice(broken)))
+            assert engine.adapters == before
+        elif action < 0.8:
+            ad, = soak_adapters(model.config, 1, rng, prefix=rng.choice("pqrs"))
+            engine.register(ad)                       # a new name, or a new version of one
+            version[ad.name] = ad
+        elif action < 0.88 and names:
+            name = rng.choice(names)
+            engine.remove_adapter(name)
+            del version[name]
+        elif engine.live:
+            engine.cancel(rng.choice(sorted(engine.live)))
+        engine.step()
+    while engine.step() or engine.pending():
+        pass
+    assert all(engine.requests[i].state == State.FAILED and engine.reasons[i] for i in invalid)
+    outcomes = {engine.requests[rid].state for rid in valid}
+    assert outcomes == {State.FINISHED, State.ABORTED}
+    for rid, request in valid.items():
+        if engine.requests[rid].state == State.FINISHED:
+            assert engine.result(rid) == alone(*request), rid
+        else:
+            assert engine.reasons[rid] == "cancelled"
+    assert_nothing_held(engine)
+    assert set(engine.pool.host) == set(engine.adapters.values())   # old versions all gone
 
 
 # ------------------------------------------------------------------------------ tensor parallelism (tp.py)
@@ -1317,25 +2171,11 @@ def base_model():
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """PEFT adapters with random A and B (B is zero at initialisation) on disk, and a broken one."""
-    root = tmp_path_factory.mktemp("tp_adapters")
-    for i, (name, (r, targets)) in enumerate(SPECS.items()):
-        m, cfg = base_model(), LoRAConfig(r=r, alpha=2 * r, targets=targets)
-        lora.add_lora(m, cfg)
-        torch.manual_seed(10 + i)
-        for layer in lora.lora_layers(m).values():
-            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
-        lora.save_adapter(m, root / name, cfg)
+    """The SPECS adapters of base_model() on disk, and a broken one."""
+    root = write_adapters(base_model(), SPECS, tmp_path_factory.mktemp("tp_adapters"))
     (root / "broken").mkdir()
     (root / "broken" / "adapter_config.json").write_text(json.dumps({"r": 2, "target_modules": ["q_proj"]}))
     return root
-
-
-def requests():
-    g = torch.Generator().manual_seed(1)
-    names = [None, "a", "b", "c", "d"]
-    return [(torch.randint(0, 259, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist(),
-             names[i % 5], 3 + i % 6) for i in range(12)]
 
 
 def serve_requests(engine, root, adapter_dir=lambda name: name):
@@ -1350,12 +2190,12 @@ def serve_requests(engine, root, adapter_dir=lambda name: name):
         logits.append(forward(batch, pool, lora_fn).clone())
         return logits[-1]
 
-    def recording_lora(batch, *rest):   # Engine._lora(batch, ..., names)
-        steps.append((int(batch.tokens.numel()), list(rest[-1])))
-        return make_lora(batch, *rest)
+    def recording_lora(slots):          # Engine._lora(slots): the step's adapters
+        steps.append((int(slots.lengths.sum()), list(slots.names)))
+        return make_lora(slots)
 
     engine.model.forward_paged, engine._lora = recording_forward, recording_lora
-    reqs, ids = requests(), []
+    reqs, ids = mixed_requests(12), []
     for i, (prompt, name, n) in enumerate(reqs):
         ids.append(engine.submit(prompt, name, n))
         if i % 3 == 2:
@@ -1381,7 +2221,7 @@ def _rank(comm, root, out, bad_rank=None):
 
 
 def test_two_devices_give_the_tokens_and_logits_of_one(root, tmp_path):
-    tokens, logits, steps = serve_requests(serve.Engine(base_model(), None, pool_pages=300), root)
+    tokens, logits, steps = serve_requests(E.Engine(base_model(), None, pool_pages=300), root)
     with torch.no_grad():
         dense = base_model()(torch.tensor(DENSE_INPUT))
     tp.launch(2, _rank, root, tmp_path, timeout_s=60, device_type="cpu")

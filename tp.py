@@ -1,44 +1,48 @@
-"""Tensor parallelism for S-LoRA: base model and adapters split over W devices (arXiv 2311.03285, sec. 6).
+"""Tensor parallelism for S-LoRA: model, adapters split over W devices (arXiv 2311.03285, sec. 6).
 
-The base model is split Megatron-style: each column-parallel layer keeps some of its output rows, each
-row-parallel layer the matching input columns, and one all-reduce after each row-parallel layer sums
-the partial results. S-LoRA's Figure 4 splits every adapter to match, so that LoRA adds only small
-collectives of z = x A^T [N, r] next to the base model's [N, H] ones. Device k of W holds:
+The base model is split Megatron-style: each column-parallel layer keeps some of its output rows,
+each row-parallel layer the matching input columns, and one all-reduce after each row-parallel
+layer sums the partial results. S-LoRA's Figure 4 splits every adapter to match, so that LoRA adds
+only small collectives of z = x A^T [N, r] next to the base model's [N, H] ones. Device k of W:
 
-    weight            split along                 device k keeps                    collective after it
-    q_proj W          output rows                 the g q heads of each of its KV heads
-    k_proj, v_proj W  output rows                 its KV heads (contiguous; the first
-                                                  n_kv_heads % W devices get one more)
-    o_proj W          input columns               the columns of its q heads        all-reduce y [N, H]
-    gate, up W        output rows                 its slice of ffn_dim
-    down W            input columns               the same slice                    all-reduce y [N, H]
-    embed, norms, lm_head: whole on every device (all compute the same logits and pick the same token)
-    q, k, v LoRA  A [r, H]: rows j = k, k+W, ...  (c = ceil(r/W) rows)              all-gather z [W, N, c]
+    weight            split along       device k keeps                           collective after it
+    q_proj W          output rows       the g q heads of each of its KV heads
+    k_proj, v_proj W  output rows       its KV heads (contiguous; the first
+                                        n_kv_heads % W devices get one more)
+    o_proj W          input columns     the columns of its q heads               all-reduce y [N, H]
+    gate, up W        output rows       its slice of ffn_dim
+    down W            input columns     the same slice                           all-reduce y [N, H]
+    embed, norms, lm_head: whole on every device (all compute the same logits, pick the same token)
+    q, k, v LoRA  A [r, H]: rows j = k, k+W, ... (c = ceil(r/W) of them)     all-gather z [W, N, c]
                   B [out, r]: the rows of its own outputs, like W
-    o LoRA        A [r, in]: the columns of its q heads -> partial z                all-reduce z [N, r]
+    o LoRA        A [r, in]: the columns of its q heads -> partial z           all-reduce z [N, r]
                   B [H, r]: rows of its share of H; the delta goes into the base partial sum, so
                   the base all-reduce after o_proj carries it (no collective of its own)
 
-Every device runs the same serve.Engine on its shard with the same submissions; the scheduler is
-deterministic, and every reading of the clock is rank 0's (a broadcast), so all devices make the
-same decisions and every collective has its partners. Each device's pool holds only its share: a
-KV page keeps the g tokens of a full-model page, g x (its kv width) of the H numbers; an adapter
-takes as many pages as on one device, each page holding only its rows and columns. Bytes
-communicated are counted per collective as the size of the tensor it leaves on each device.
+Every device runs the same engine (engine.py) on its shard with the same submissions; the
+scheduler is deterministic, and every reading of the clock is rank 0's (a broadcast), so all
+devices make the same decisions and every collective has its partners. The LoRA arithmetic is
+kernels.py's one interface (plan_lora once per step, then lora_shrink / lora_expand per layer),
+with the collective between shrink and expand. Each device's pool holds only its share: a KV page
+keeps the g tokens of a full-model page, g x (its kv width) of the H numbers; an adapter takes as
+many pages as on one device, each page holding only its rows and columns. Bytes communicated are
+counted per collective as the size of the tensor it leaves on each device.
 Simplified: greedy sampling only; only the slora mode (and base) is sharded; pages are not made
-narrower per device (an A row of q, k or v still needs all H input features).
-Demo: `python serve.py --tp 2 --adapters 100`; `python tp.py --world 2` prints what each device holds.
-Letters: W devices, k this device, N tokens of a step, H model dim, r adapter rank, c = ceil(r / W).
+narrower per device (an A row of q, k or v still needs all H input features); an error in a step
+ends the group (engine.py survives it on one device; here the peers would wait in collectives).
+Demo: `python serve.py --tp 2 --adapters 100`; `python tp.py --world 2` (what each device holds).
+Letters: W devices, k this device, N tokens of a step, L layers, H model dim, r adapter rank,
+c = ceil(r / W).
 """
-import argparse
 import os
-import re
 import socket
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import partial
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -46,13 +50,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import cli
 import kernels
-import serve
-from checkpoints import load_model
+from engine import AdapterSlots, Engine
 from model import Llama, ModelConfig
 from paging import HostAdapter
-
-PEER_GRACE_S = 2.0   # a device that lost its peers waits so long, so that the peer's own error is reported
+from scheduler import RequestRejected
 
 
 class TensorParallelError(RuntimeError):
@@ -66,6 +69,10 @@ def _part(n: int, world: int, k: int) -> slice:
     size, extra = divmod(n, world)
     start = k * size + min(k, extra)
     return slice(start, start + size + (k < extra))
+
+
+def _width(s: slice) -> int:
+    return s.stop - s.start
 
 
 @dataclass(frozen=True)
@@ -82,10 +89,11 @@ class Shard:
     @staticmethod
     def of(cfg: ModelConfig, rank: int, world: int) -> "Shard":
         if not 1 <= world <= cfg.n_kv_heads:
-            raise ValueError(f"tensor parallelism over {world} devices needs 1 <= devices <= n_kv_heads "
-                             f"= {cfg.n_kv_heads}: the heads are split by KV-head groups")
-        heads, g, hd = _part(cfg.n_kv_heads, world, rank), cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
-        nkv = heads.stop - heads.start
+            raise ValueError(f"tensor parallelism over {world} devices needs 1 <= devices <= "
+                             f"n_kv_heads = {cfg.n_kv_heads}: heads are split by KV-head groups")
+        g, hd = cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+        heads = _part(cfg.n_kv_heads, world, rank)
+        nkv = _width(heads)
         # dim = the width of its q heads, so that head_dim = dim // n_heads stays the model's
         local = replace(cfg, dim=nkv * g * hd, n_heads=nkv * g, n_kv_heads=nkv)
         return Shard(rank, world, slice(heads.start * g * hd, heads.stop * g * hd),
@@ -93,10 +101,10 @@ class Shard:
                      _part(cfg.dim, world, rank), local)
 
     def lora_split(self, target: str) -> tuple:
-        """(rows of A, columns of A, columns of B^T) that this device keeps of one adapter target."""
-        if target == "o_proj":   # row-parallel: the input features of its heads, its share of H out
+        """(rows of A, columns of A, columns of B^T) that this device keeps of one target."""
+        if target == "o_proj":   # row-parallel: the input features of its heads, its share of H
             return slice(None), self.q, self.out
-        # column-parallel: every W-th row of A (so the all-gather puts z in row order), its outputs of B
+        # column-parallel: every W-th row of A (so the all-gather puts z in row order), its outputs
         outputs = {"q_proj": self.q, "k_proj": self.kv, "v_proj": self.kv}[target]
         return slice(self.rank, None, self.world), slice(None), outputs
 
@@ -114,22 +122,23 @@ def shard_model(model: Llama, comm: "Comm") -> Shard:
     base_all_reduce = partial(comm.all_reduce, kind="base")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        split = ((attn.q_proj, s.q, every), (attn.k_proj, s.kv, every), (attn.v_proj, s.kv, every),
-                 (attn.o_proj, every, s.q),                                    # (weight, rows, columns)
-                 (mlp.gate_proj, s.ffn, every), (mlp.up_proj, s.ffn, every), (mlp.down_proj, every, s.ffn))
+        split = ((attn.q_proj, s.q, every), (attn.k_proj, s.kv, every),   # (weight, rows, cols)
+                 (attn.v_proj, s.kv, every), (attn.o_proj, every, s.q),
+                 (mlp.gate_proj, s.ffn, every), (mlp.up_proj, s.ffn, every),
+                 (mlp.down_proj, every, s.ffn))
         if any(type(linear) is not nn.Linear for linear, _, _ in split):
-            raise ValueError("shard_model needs a plain base model: its LoRA layers would not be split")
+            raise ValueError("shard_model needs a plain base model: LoRA layers would not be split")
         for linear, rows, cols in split:
             _keep(linear, rows, cols)
         attn.cfg = s.local
-        attn.all_reduce = mlp.all_reduce = base_all_reduce   # after o_proj and down_proj (model.project)
+        attn.all_reduce = mlp.all_reduce = base_all_reduce   # after o_proj, down_proj (model.py)
     return s
 
 
 class _ShardPages(Mapping):
-    """target -> this device's part of an adapter in the pool's page format [L, 2r, H]: A rows first,
-    then B^T rows (paging.py); unused parts of the pages are zero. Cut when the pool loads the adapter,
-    so host memory keeps each adapter once (S-LoRA keeps all adapters whole in host memory)."""
+    """target -> this device's part of an adapter in the pool's page format [L, 2r, H]: A rows
+    first, then B^T rows (paging.py); unused parts of the pages are zero. Cut when the pool loads
+    the adapter, so host memory keeps each adapter once, whole (as S-LoRA's host memory does)."""
 
     def __init__(self, full: HostAdapter, shard: Shard):
         self.full, self.shard = full, shard
@@ -138,10 +147,10 @@ class _ShardPages(Mapping):
         a_rows, a_cols, b_cols = self.shard.lora_split(target)
         a = self.full.a(target)[:, a_rows, a_cols]                 # [L, c or r, H or its q width]
         bt = self.full.bt(target)[:, :, b_cols]                    # [L, r, its out width]
-        pages, r = torch.zeros_like(self.full.weights[target]), self.full.rank   # [L, 2r, H]
-        pages[:, :a.shape[1], :a.shape[2]] = a
-        pages[:, r:, :bt.shape[2]] = bt
-        return pages
+        packed, r = torch.zeros_like(self.full.weights[target]), self.full.rank   # [L, 2r, H]
+        packed[:, :a.shape[1], :a.shape[2]] = a
+        packed[:, r:, :bt.shape[2]] = bt
+        return packed
 
     def __iter__(self):
         return iter(self.full.weights)
@@ -153,8 +162,9 @@ class _ShardPages(Mapping):
 # ---------------------------------------------------------------------- the collectives
 
 class Comm:
-    """One device's end of the process group. Counts bytes by kind (base, lora, clock): elements of the
-    tensor each collective leaves on a device x element size (a ring all-reduce sends ~2 (W-1)/W of it)."""
+    """One device's end of the process group. Counts bytes by kind (base, lora, clock): elements
+    of the tensor each collective leaves on a device x element size (a ring all-reduce sends
+    about 2 (W-1)/W of it)."""
 
     def __init__(self, rank: int, world: int, device: torch.device):
         self.rank, self.world, self.device = rank, world, device
@@ -180,161 +190,161 @@ class Comm:
     def _run(op, result, *args):
         try:
             op(result, *args)
-        except RuntimeError as e:   # mostly: a peer process died, and gloo or NCCL saw its socket close
-            time.sleep(PEER_GRACE_S)
-            raise RuntimeError(f"{op.__name__} failed (if another device stopped, its error is the cause): "
-                               f"{e}") from None
+        except RuntimeError as e:   # mostly: a peer died, and gloo or NCCL saw its socket close
+            raise RuntimeError(f"{op.__name__} failed (if another device stopped, its error is "
+                               f"the cause): {e}") from None
         return result
 
 
 # ---------------------------------------------------------------------- the engine on one device
 
-class ShardedEngine(serve.Engine):
-    """serve.Engine on one device's shard (the model passed through shard_model)."""
+class ShardedEngine(Engine):
+    """engine.Engine (slora) on one device's shard (the model passed through shard_model)."""
 
     def __init__(self, model: Llama, comm: Comm, shard: Shard, eos_id=None, **options):
-        self.comm, self.shard, self.step_bytes = comm, shard, []   # step_bytes: (base, lora) per step
+        self.comm, self.shard = comm, shard
+        self.step_bytes = []                        # (base, lora) bytes of each step
         super().__init__(model, eos_id, **options)
-        if self.cfg.mode != "slora":
-            raise ValueError(f"tensor parallelism serves the slora mode only, not {self.cfg.mode!r}")
+        self.b_widths = {t: _width(shard.lora_split(t)[2]) for t in self.out_dim}   # its B^T columns
+        self.out_dim = {**self.b_widths, "o_proj": model.config.dim}   # o: zeros but its columns
 
     def now(self) -> float:
         """Rank 0's clock on every device: all see the same arrivals and deadlines, so all agree."""
         t = torch.tensor([super().now()], dtype=torch.float64, device=self.comm.device)
         return float(self.comm.broadcast(t, "clock"))
 
-    def register(self, adapter: HostAdapter):
-        super().register(adapter)   # checks the whole adapter against the model, charges its pages
-        out = {t: len(range(w)[self.shard.lora_split(t)[2]]) for t, w in adapter.out.items()}   # its B^T columns
+    def _store(self, adapter: HostAdapter):
+        super()._store(adapter)   # checks the whole adapter against the model
+        out = {t: self.b_widths[t] for t in adapter.out}
         self.pool.host[adapter.name] = HostAdapter(adapter.name, adapter.rank, adapter.scale,
                                                    _ShardPages(adapter, self.shard), out)
 
+    def _check_request(self, prompt, adapter, max_new_tokens, temperature):
+        super()._check_request(prompt, adapter, max_new_tokens, temperature)
+        if temperature != 0:
+            raise RequestRejected("tensor parallelism samples greedily (temperature 0): the "
+                                  "devices pick their tokens without talking")
+
+    def _fail(self, req, what: str, error: Exception):
+        """Not survived here: the other devices may not have failed, and their collectives would
+        wait for this one. The error ends the group (launch)."""
+        raise error
+
     def step(self) -> bool:
-        if self.cfg.temperature > 0:
-            raise ValueError("tensor parallelism samples greedily: devices pick tokens without talking")
         before = self.comm.bytes["base"], self.comm.bytes["lora"]
         ran = super().step()
         if ran:
-            self.step_bytes.append((self.comm.bytes["base"] - before[0], self.comm.bytes["lora"] - before[1]))
+            self.step_bytes.append((self.comm.bytes["base"] - before[0],
+                                    self.comm.bytes["lora"] - before[1]))
         return ran
 
-    def _lora(self, batch, reqs, prefill, slots, names):
-        """S-LoRA's Figure 4 on this device's pages; the gathered kernels read them (kernels.py)."""
-        if not names:
+    def _lora(self, slots: AdapterSlots):
+        """S-LoRA's Figure 4 on this device's pages: shrink, the collective, expand."""
+        if not slots.names:
             return None
-        s, W, H, dev = self.shard, self.comm.world, self.model.config.dim, batch.tokens.device
-        tables = self.pool.kernel_tables(names)
-        lengths = torch.tensor([r.step_tokens() for r in reqs], device=dev)
-        seg_adapter = torch.tensor(slots, dtype=torch.int32, device=dev)                   # [R]
-        seg_starts = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()           # [R + 1]
-        token_slots = seg_adapter.repeat_interleave(lengths)                               # [N]
-        mbgmm = kernels.lora_shrink_segments, kernels.lora_expand_segments, (seg_starts, seg_adapter)
-        mbgmv = kernels.lora_shrink, kernels.lora_expand, (token_slots,)
-        shrink_k, expand_k, which = mbgmm if prefill else mbgmv   # segments when prefilling, else per token
+        s, W, plans = self.shard, self.comm.world, {}   # target -> (shrink's plan, expand's plan)
+        seg_starts, seg_adapter = slots.segments()
+
+        def plan(t, ranks):
+            return kernels.plan_lora(self.pool.tensor[0], t.page_ids, t.a_start, t.b_start, ranks,
+                                     t.scales, seg_starts, seg_adapter, int(ranks.max()),
+                                     per_token=not slots.prefill)
+        for target, t in self.pool.kernel_tables(slots.names).items():
+            if bool((t.ranks > 0).any()):   # the same answer on every device
+                full = plan(t, t.ranks)     # expand: r rows of B^T; shrink of o: r rows of A
+                shrink = full if target == "o_proj" else plan(t, (t.ranks + W - 1) // W)   # c rows
+                plans[target] = shrink, full
 
         def lora(x, layer, target):
-            t = tables.get(target)
-            if t is None or not bool((t.ranks > 0).any()):   # the same answer on every device
+            if target not in plans:
                 return None
-            pool_l = self.pool.tensor[layer]   # shrink z = x A^T, expand delta = scale z B^T, from the pages
-            shrink = lambda x, pages, ranks: shrink_k(x, pages, t.page_ids, t.a_start, ranks, *which, int(ranks.max()))
-            expand = lambda z, width: expand_k(z, pool_l, t.page_ids, t.b_start, t.ranks, t.scales, *which, width)
+            (shrink_plan, full), pool_l = plans[target], self.pool.tensor[layer]
             if target == "o_proj":   # x [N, its q width]: partial x A^T [N, r], summed over devices
-                z = self.comm.all_reduce(shrink(x, pool_l[:, :x.shape[1]], t.ranks), "lora")
-                delta = x.new_zeros(x.shape[0], H)   # its columns of H; the base all-reduce adds the others'
-                delta[:, s.out] = expand(z, s.out.stop - s.out.start)
+                z = kernels.lora_shrink(x, pool_l[:, :x.shape[1]], shrink_plan)
+                z = self.comm.all_reduce(z, "lora")
+                delta = x.new_zeros(x.shape[0], self.out_dim[target])   # the others' columns: 0
+                delta[:, s.out] = kernels.lora_expand(z, pool_l, full, _width(s.out))
                 return delta
-            z = self.comm.all_gather(shrink(x, pool_l, (t.ranks + W - 1) // W), "lora")    # [W, N, c]
-            z = z.permute(1, 2, 0).reshape(x.shape[0], -1)   # [N, c W]: column i W + k = row i W + k of A
-            return expand(z, self.out_dim[target])
+            z = self.comm.all_gather(kernels.lora_shrink(x, pool_l, shrink_plan), "lora")
+            z = z.permute(1, 2, 0).reshape(x.shape[0], -1)  # [W, N, c] -> [N, c W]: column i W + k
+            # is row i W + k of A, the order of B^T's rows
+            return kernels.lora_expand(z, pool_l, full, self.out_dim[target])
         return lora
 
 
 # ---------------------------------------------------------------------- processes
 
 def launch(world: int, fn, *args, timeout_s: float = 300.0, device_type: Optional[str] = None):
-    """Run fn(comm, *args) in `world` processes joined in one group: NCCL on GPUs, gloo on a CPU (device_type
-    None: GPUs when present). An error in one ends them all (spawn stops the others) and raises here."""
+    """Run fn(comm, *args) in `world` processes joined in one group: NCCL on GPUs, gloo on a CPU
+    (device_type None: GPUs when present). An error in one ends them all and raises here, naming
+    the device that failed first: the others fail after it, their collectives missing a partner,
+    and spawn reports whichever process it notices first, so each device records its own error
+    with the time, and the earliest is the cause."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda" and torch.cuda.device_count() < world:
         raise ValueError(f"{world} devices asked for, {torch.cuda.device_count()} GPUs present")
     with socket.socket() as sock:   # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    try:
-        mp.spawn(_worker, args=(world, port, timeout_s, device_type, fn, args), nprocs=world, join=True)
-    except mp.ProcessRaisedException as e:
-        found = re.search(r"TensorParallelError: (.*)", str(e), re.S)
-        raise TensorParallelError(found.group(1).strip() if found else str(e).strip()) from None
-    except mp.ProcessExitedException as e:   # killed by a signal, e.g. out of memory
-        raise TensorParallelError(f"rank {e.error_index}: {str(e).strip()}") from None
+    with tempfile.TemporaryDirectory(prefix="tp-errors-") as errors:
+        try:
+            mp.spawn(_worker, args=(world, port, timeout_s, device_type, errors, fn, args),
+                     nprocs=world, join=True)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            raise TensorParallelError(_first_error(Path(errors), e)) from None
 
 
-def _worker(rank, world, port, timeout_s, device_type, fn, args):
+def _first_error(errors: Path, e: Exception) -> str:
+    """The earliest error a device recorded; else spawn's word on the process that ended first
+    (one that never reached fn: killed, or its imports failed, as its output above shows)."""
+    recorded = [p.read_text().split("\n", 1) for p in errors.glob("rank*.txt")]   # [time, error]
+    if recorded:
+        return min(recorded, key=lambda rec: float(rec[0]))[1]
+    return f"rank {e.error_index}: {str(e).strip()} before running fn (see its output above)"
+
+
+def _worker(rank, world, port, timeout_s, device_type, errors, fn, args):
     cuda = device_type == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     else:   # the processes share the machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         fn(Comm(rank, world, device), *args)
     except Exception as e:
-        raise TensorParallelError(f"rank {rank}: {type(e).__name__}: {e}") from e
+        # Written before this process exits, hence before its peers lose their connections to it.
+        record, draft = Path(errors) / f"rank{rank}.txt", Path(errors) / f"rank{rank}.tmp"
+        draft.write_text(f"{time.time():.6f}\nrank {rank}: {type(e).__name__}: {e}")
+        draft.replace(record)   # whole or absent when launch reads it
+        raise
     dist.destroy_process_group()
 
 
-def benchmark(b: "serve.BenchConfig", t: "serve.TraceConfig"):
-    """serve.py's benchmark over b.tp devices; rank 0 prints the report and the bytes communicated."""
-    try:
-        launch(b.tp, _bench_rank, b, t)
-    except TensorParallelError as e:
-        raise SystemExit(f"tensor-parallel benchmark failed: {e}")
+# ---------------------------------------------------------------------- demo: who holds what
+
+@dataclass
+class DescribeConfig:
+    world: int = cli.flag(2, "number of devices W")
+    adapter_rank: int = cli.flag(16, "rank r of the example adapter")
 
 
-def _bench_rank(comm: Comm, b, t):
-    say = print if comm.rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(0)   # every device builds the same full model, then keeps its part
-    model = (load_model(b.base)[0] if b.base else Llama(ModelConfig(n_layers=b.layers)).eval()).to(comm.device)
-    cfg, ranks = model.config, [int(r) for r in t.ranks.split(",")]
-    shard = shard_model(model, comm)
-    trace = serve.make_trace(t, cfg.vocab_size)
-    say(f"base: {b.base or f'random weights, {cfg.n_layers} layers, dim {cfg.dim}'}; {len(trace)} requests, "
-        f"{t.adapters} adapters of ranks {ranks}, rate {t.rate}/s, cv {t.cv}, alpha {t.alpha}; "
-        f"{comm.world} devices ({comm.device.type}); modes other than slora and base run on one device only")
-    adapters, real = serve.synthetic_adapters(t.adapters, ranks, cfg, t.seed), dict(a.split("=", 1) for a in b.adapter)
-    rows = {}
-    for mode in [m for m in b.modes.split(",") if m in ("slora", "base")]:
-        engine = ShardedEngine(model, comm, shard, None, policy=b.policy, pool_pages=b.pool_pages,
-                               ttft_slo=b.slo if b.abort else None)
-        rows[mode] = serve.run_mode(engine, mode, trace, adapters, real, b.slo)
-        base, lora = (sum(col) / len(engine.step_bytes) / 1024 for col in zip(*engine.step_bytes))
-        say(f"{mode:>10}: " + "  ".join(f"{k} {v:.3g}" for k, v in rows[mode].items()), flush=True)
-        say(f"{'':>10}  bytes per step and device: base {base:.1f} KiB, LoRA {lora:.1f} KiB "
-            f"(LoRA / base {lora / base:.3f})", flush=True)
-    if comm.rank == 0:
-        serve.report(rows, model)
-
-
-def _describe(cfg: ModelConfig, world: int, r: int):
+def describe(cfg: ModelConfig, world: int, r: int):
     """What each device holds of the model and of a rank-r adapter, and what it sends per token."""
-    g, W, c = cfg.n_heads // cfg.n_kv_heads, world, -(-r // world)
+    g, W, c, H = cfg.n_heads // cfg.n_kv_heads, world, -(-r // world), cfg.dim
     for k in range(W):
         s = Shard.of(cfg, k, W)
-        q, kv, f, h = (x.stop - x.start for x in (s.q, s.kv, s.ffn, s.out))
-        print(f"device {k}: q_proj [{q}, {cfg.dim}] k_proj, v_proj [{kv}, {cfg.dim}] o_proj [{cfg.dim}, {q}] gate, "
-              f"up [{f}, {cfg.dim}] down [{cfg.dim}, {f}]; KV page: {g} tokens x {kv} = {g * kv} of {cfg.dim}\n"
-              f"          rank-{r} adapter: q/k/v A [{c}, {cfg.dim}], B^T [{r}, {q}/{kv}/{kv}]; o A [{r}, {q}], "
-              f"B^T [{r}, {h}]")
-    print(f"per token and layer: base all-reduces 2 x {cfg.dim} numbers; LoRA on q, k, v, o: "
+        q, kv, f, h = (_width(x) for x in (s.q, s.kv, s.ffn, s.out))
+        print(f"device {k}: q_proj [{q}, {H}] k_proj, v_proj [{kv}, {H}] o_proj [{H}, {q}] "
+              f"gate, up [{f}, {H}] down [{H}, {f}]; KV page: {g} tokens x {kv} = {g * kv} of {H}\n"
+              f"          rank-{r} adapter: q/k/v A [{c}, {H}], B^T [{r}, {q}/{kv}/{kv}]; "
+              f"o A [{r}, {q}], B^T [{r}, {h}]")
+    print(f"per token and layer: base all-reduces 2 x {H} numbers; LoRA on q, k, v, o: "
           f"3 all-gathers of {W} x {c} + one all-reduce of {r} = {3 * W * c + r} numbers")
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Print how tensor parallelism splits SmolLM2-135M and an adapter.")
-    ap.add_argument("--world", type=int, default=2, help="number of devices W")
-    ap.add_argument("--rank", type=int, default=16, help="rank r of the example adapter")
-    args = ap.parse_args()
-    _describe(ModelConfig(), args.world, args.rank)
+    demo, = cli.parse([DescribeConfig], "How tensor parallelism splits SmolLM2-135M and an adapter.")
+    describe(ModelConfig(), demo.world, demo.adapter_rank)

@@ -1,22 +1,31 @@
-"""LoRA fine-tuning on E2E NLG: the LoRA paper's Table 3 experiment and its rank study, on SmolLM2.
+"""LoRA fine-tuning: the LoRA paper's E2E NLG experiment and its rank study, or your own data.
 
-Hu et al. 2021 (arXiv 2106.09685), section 6.2 and Table 3: GPT-2 adapted to the E2E NLG
-challenge (Novikova et al. 2017: restaurant meaning representations -> one English sentence) with
-LoRA on W_q and W_v (r=4, alpha=32, dropout 0.1, label smoothing 0.1, AdamW lr 2e-4, linear
-schedule) beats full fine-tuning with 0.35M trainable parameters. Table 6 / Table 18 vary the rank
-r and the adapted matrices. Here the same recipe runs on SmolLM2-135M-Instruct on a CPU, with one
-change: the paper trains 5 epochs of 42k examples (~26k steps) at lr 2e-4, the default here is 100
-steps of 8 examples (a 2-core CPU's budget), where 2e-4 learns too slowly (loss 3.9 against 3.2
-with 1e-3 after 30 steps), so the default rate is 1e-3.
+Hu et al. 2021 (arXiv 2106.09685), section 5.4 and Table 3: GPT-2 adapted to the E2E NLG
+challenge (restaurant meaning representations -> one English sentence) with LoRA on W_q and W_v
+(r=4, alpha=32, dropout 0.1, label smoothing 0.1, AdamW lr 2e-4, linear schedule, beam 10) beats
+full fine-tuning with 0.35M trainable parameters. Section 7.2 (Table 6, and appendix Table 18 on
+E2E) varies the rank r and the adapted matrices: `--sweep` runs that grid. Here the recipe runs on
+SmolLM2-135M-Instruct on a CPU, with one change: the paper trains 5 epochs of 42k examples (~26k
+steps) at lr 2e-4; the default here is 100 steps of 8 examples (a 2-core CPU's budget), where 2e-4
+learns too slowly (loss 3.9 against 3.2 with 1e-3 after 30 steps), so the default rate is 1e-3.
 
-Example: the prompt is "{mr}\\n", the target " {ref}" + end token; the loss covers the target only.
-Decoding: greedy through Llama.generate (batched, KV cache), or beam search (--beam) with the
-paper's length penalty and no-repeat-ngram; the outputs are scored with the E2E metrics (e2e.py).
-Simplified: when trainset.csv is missing, the dev split is the training set (said in the output
-and the results file).
-Run: `python train.py` (LoRA), `python train.py --method full`, `python train.py --adapter DIR` (score
-a saved adapter), `python train.py --sweep --steps 15 --warmup 3 --eval-limit 40 --no-baseline`.
-Letters: B batch, T tokens per row, V vocabulary, K beams.
+E2E: the prompt is "{mr}\\n", the target " {ref}" + end token; outputs are scored with e2e.py.
+Your data (`--data FILE.jsonl`): {"prompt", "completion"} records, or {"messages": [{"role",
+"content"}]} rendered with the ChatML template "<|im_start|>{role}\\n{content}<|im_end|>\\n". The loss
+covers the target tokens only (the reference, the completion, each assistant turn). Malformed
+records are listed with file, line and reason before any model work.
+Training: AdamW, linear warm-up then decay; --grad-accum micro-batches per step, --max-grad-norm,
+--val-fraction held out for a validation loss, --save-every / --resume (adapter, optimizer moments
+and RNG state in safetensors and JSON: nothing is unpickled).
+Decoding: greedy (Llama.generate), or beam search (--beam K) for many prompts at once: P prompts
+times K beams share one forward per step, the KV cache reordered by beam, with the paper's length
+penalty and no-repeat-ngram.
+Simplified: without trainset.csv the E2E dev split is the training set (said in the output and in
+results.json); --resume restores the CPU random state only; full fine-tuning cannot be resumed.
+Demo: `python train.py` (LoRA on E2E), `python train.py --method full`, `python train.py --adapter
+DIR` (score a saved adapter), `python train.py --data my.jsonl --val-fraction 0.1`, `python
+train.py --sweep --steps 15 --warmup 3 --eval-limit 40 --no-baseline`.
+Letters: B batch, T tokens per row, M target positions, V vocabulary, P prompts, K beams, R rows.
 """
 import argparse
 import copy
@@ -31,12 +40,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import cli
 from checkpoints import Tokenizer, load_model, save_hf
 from e2e import DataError, e2e_metrics, ensure_data, group_refs, read_e2e
-from lora import (TARGET_NAMES, LoRAConfig, add_lora, count_parameters, load_adapter,
-                  mark_only_lora_trainable, save_adapter)
+from lora import (TARGET_NAMES, AdapterError, LoRAConfig, add_lora, count_parameters,
+                  load_adapter, mark_only_lora_trainable, read_adapter, save_adapter)
 from model import KVCache
 
 flag = cli.flag
@@ -44,52 +54,238 @@ flag = cli.flag
 
 @dataclass
 class TrainConfig:
-    task: str = flag("e2e", "experiment to run: e2e, the LoRA paper's E2E NLG (Table 3), the only one here")
-    data: Optional[str] = flag(None, "folder of the E2E CSV files (default $E2E_DATA, else ~/.cache/e2e-nlg); "
-                               "the release is downloaded there when testset_w_refs.csv is missing", str)
-    base: Optional[str] = flag(None, "base model, .gguf file or Hugging Face folder (default SmolLM2-135M-Instruct "
-                               "or $LORA_MODEL_PATH)", str)
-    out: str = flag("runs/e2e", "output folder: checkpoint, predictions, results.json")
+    task: str = flag("e2e", "experiment: e2e, the LoRA paper's E2E NLG (Table 3); or --data")
+    data: Optional[str] = flag(None, "train on this JSONL file instead of E2E", str)
+    e2e_dir: Optional[str] = flag(None, "folder of the E2E CSV files (default $E2E_DATA, else "
+                                  "~/.cache/e2e-nlg, where they are downloaded when missing)", str)
+    base: Optional[str] = flag(None, "base model: .gguf file or Hugging Face folder (default "
+                               "$LORA_MODEL_PATH, else SmolLM2-135M-Instruct)", str)
+    out: str = flag("runs/e2e", "output folder: adapter, predictions, results.json")
     method: str = flag("lora", "lora, or full to fine-tune every weight")
     rank: int = flag(4, "LoRA rank r")
     alpha: float = flag(32.0, "LoRA alpha: the update is scaled by alpha / r")
+    rslora: bool = flag(False, "scale the update by alpha / sqrt(r) (rsLoRA) instead of alpha / r")
     dropout: float = flag(0.1, "dropout on the input of the LoRA path")
-    targets: str = flag("q,v", "adapted projections, comma-separated, from " + ",".join(TARGET_NAMES))
+    targets: str = flag("q,v", "adapted projections, comma-separated, from "
+                        + ",".join(TARGET_NAMES) + "; or all-linear")
     steps: int = flag(100, "optimizer steps")
-    batch_size: int = flag(8, "examples per step")
-    seq_len: int = flag(128, "longest example in tokens (longer references are cut)")
+    batch_size: int = flag(8, "examples per micro-batch")
+    grad_accum: int = flag(1, "micro-batches per optimizer step (batch: batch-size x grad-accum)")
+    seq_len: int = flag(128, "longest example in tokens (longer targets are cut)")
     lr: float = flag(1e-3, "peak learning rate of AdamW (the paper: 2e-4 over ~26k steps)")
     weight_decay: float = flag(0.01, "AdamW weight decay")
     warmup: int = flag(10, "linear warm-up steps, then linear decay to 0")
+    max_grad_norm: float = flag(0.0, "clip the gradient to this norm (0: no clipping)")
     label_smoothing: float = flag(0.1, "label smoothing of the loss")
-    seed: int = flag(0, "random seed (initialisation, data order, dropout)")
+    seed: int = flag(0, "random seed (initialisation, data order, dropout, validation split)")
+    val_fraction: float = flag(0.0, "hold out this fraction of the training examples for a "
+                               "validation loss")
+    eval_every: int = flag(20, "validation loss every N steps (and after the last)")
+    save_every: int = flag(0, "write a checkpoint-N folder every N steps (0: never)")
+    resume: Optional[str] = flag(None, "continue the run saved in this checkpoint folder", str)
     eval_limit: Optional[int] = flag(None, "score the first N test MRs only (default all 630)", int)
-    eval_batch: int = flag(48, "prompts per generate call")
+    eval_batch: int = flag(48, "prompts per decoding call (times --beam rows)")
     max_new_tokens: int = flag(64, "longest output in tokens")
     beam: int = flag(1, "beam size (1: greedy decoding)")
     length_penalty: float = flag(0.9, "beam search ranks by log p / length^penalty")
-    no_repeat_ngram: int = flag(4, "beam search never repeats an n-gram of this length")
-    adapter: Optional[str] = flag(None, "score this saved PEFT adapter on the test MRs instead of training", str)
+    no_repeat_ngram: int = flag(4, "beam search never repeats an n-gram of this length (0: off)")
+    adapter: Optional[str] = flag(None, "score this saved PEFT adapter instead of training", str)
     no_baseline: bool = flag(False, "do not score the base model without adapter")
-    baseline_limit: int = flag(100, "score the base model on the first N evaluated MRs only (it never ends "
-                               "its outputs, so they all run to --max-new-tokens)")
+    baseline_limit: int = flag(100, "score the base model on the first N evaluated MRs only (its "
+                               "outputs never end, so each runs to --max-new-tokens)")
     sweep: bool = flag(False, "rank study: r in 1,2,4,8,64 x targets q; q,v; q,k,v,o")
     log_every: int = flag(10, "print progress every N steps")
+
+
+class UsageError(ValueError):
+    """A flag that cannot work; the message names the flag."""
+
+
+def target_names(targets: str) -> list:
+    """'q,v' -> ['q_proj', 'v_proj'], 'all-linear' -> every projection; [] if not a valid list."""
+    short = list(TARGET_NAMES) if targets == "all-linear" else targets.split(",")
+    valid = short and len(set(short)) == len(short) and set(short) <= set(TARGET_NAMES)
+    return [TARGET_NAMES[t] for t in short] if valid else []
+
+
+FLAG_RULES = {  # flag: (test, what it must be), checked before any data or model work
+    "task": (lambda v: v == "e2e", "e2e (the only built-in experiment)"),
+    "method": (lambda v: v in ("lora", "full"), "lora or full"),
+    "targets": (target_names, f"names without repeats from {','.join(TARGET_NAMES)}, or all-linear"),
+    "alpha": (math.isfinite, "a finite number"),
+    "length_penalty": (math.isfinite, "a finite number"),
+    "lr": (lambda v: 0 < v < math.inf, "a positive number"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "max_grad_norm": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    **{name: (lambda v: 0 <= v < 1, "in [0, 1)") for name in ("dropout", "label_smoothing", "val_fraction")},
+    "seq_len": (lambda v: v >= 2, "at least 2 (a prompt token and a target token)"),
+    "eval_limit": (lambda v: v is None or v >= 1, "at least 1"),
+    **{name: (lambda v: v >= 1, "at least 1") for name in (
+        "rank", "steps", "batch_size", "grad_accum", "eval_batch", "eval_every", "max_new_tokens",
+        "beam", "baseline_limit", "log_every")},
+    **{name: (lambda v: v >= 0, "at least 0") for name in ("warmup", "no_repeat_ngram",
+                                                           "save_every")},
+}
+# flags a resumed run must share with the run it continues
+RESUMED = ("data", "e2e_dir", "method", "rank", "alpha", "rslora", "dropout", "targets", "steps",
+           "batch_size", "grad_accum", "seq_len", "lr", "weight_decay", "warmup", "max_grad_norm",
+           "label_smoothing", "seed", "val_fraction")
+
+
+def check_flags(cfg: TrainConfig):
+    """UsageError naming the first flag that cannot work: its value, the adapter or checkpoint it
+    names, the output folder, or a combination that does not go together."""
+    for name, (ok, what) in FLAG_RULES.items():
+        if not ok(getattr(cfg, name)):
+            raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)!r}")
+    if cfg.method == "full" and (cfg.save_every or cfg.resume):
+        raise UsageError("--save-every and --resume work with --method lora only")
+    if cfg.data and (cfg.sweep or cfg.adapter):
+        raise UsageError(f"--{'sweep' if cfg.sweep else 'adapter'} belongs to the E2E experiment, "
+                         "not to --data")
+    try:
+        if cfg.adapter or cfg.resume:
+            read_adapter(cfg.adapter or cfg.resume)
+    except AdapterError as e:
+        raise UsageError(f"--{'adapter' if cfg.adapter else 'resume'}: {e}") from None
+    if cfg.resume:
+        check_resumable(cfg)
+    existing = os.path.abspath(cfg.out)           # the folder is made later: its nearest existing
+    while not os.path.exists(existing):           # ancestor must be a folder we may write to
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {cfg.out}: cannot write there ({existing} is not a writable folder)")
+
+
+def check_resumable(cfg: TrainConfig):
+    path = os.path.join(cfg.resume, "trainer_state.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--resume: {path} is missing or unreadable ({e})") from None
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {getattr(cfg, k)!r} here"
+              for k in RESUMED if saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise UsageError(f"--resume {cfg.resume}: the run differs: " + "; ".join(differ))
 
 
 # ------------------------------------------------------------------------------------ data
 
 def encode_example(tok, mr, ref, seq_len) -> tuple:
-    """(token ids, number of prompt tokens); the target is cut so that the example fits seq_len."""
+    """E2E: (token ids, is_target per token): prompt "{mr}\\n", target " {ref}" + end token, the
+    target cut so that the example fits seq_len."""
     prompt = tok.encode(f"{mr}\n")
     target = (tok.encode(f" {ref}") + [tok.eos_id])[:max(seq_len - len(prompt), 1)]
-    return prompt + target, len(prompt)
+    return prompt + target, [False] * len(prompt) + [True] * len(target)
 
 
-def batches(examples, batch_size, rng):
-    """Endless (tokens [B, T], loss mask [B, T-1], tokens that are not padding) batches. Each pool
-    of 32 batches is sorted by length so a batch pads little; mask[b, t]: position t predicts a
-    target token."""
+ROLES = ("system", "user", "assistant")
+
+
+def record_problem(rec) -> Optional[str]:
+    """Why a parsed JSONL record cannot be trained on, or None."""
+    if not isinstance(rec, dict):
+        return f"expected a JSON object, got {type(rec).__name__}"
+    if ("messages" in rec) == ("prompt" in rec or "completion" in rec):
+        return 'expected "prompt" and "completion", or "messages"'
+    if "messages" not in rec:
+        if not (isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str)):
+            return '"prompt" and "completion" must both be strings'
+        return None if rec["completion"] else '"completion" is empty'
+    messages = rec["messages"]
+    if not isinstance(messages, list) or not messages:
+        return '"messages" must be a non-empty list'
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            return f'message {i}: expected {{"role": {"|".join(ROLES)}, "content": a string}}'
+    return None if any(m["role"] == "assistant" for m in messages) else 'no "assistant" message'
+
+
+def read_records(path) -> list:
+    """[(line number, record)] of a JSONL file (blank lines skipped); DataError listing each
+    malformed line with its reason."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read it ({e.strerror})") from None
+    records, problems = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            problem = record_problem(rec)
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except json.JSONDecodeError as e:
+            problem = f"not JSON ({e.msg})"
+        if problem:
+            problems.append(f"{path}, line {n}: {problem}")
+        records.append((n, rec))
+    if problems:
+        more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError(f"{len(problems)} malformed records:\n" + "\n".join(problems[:10]) + more)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def encode_record(tok, rec, seq_len) -> tuple:
+    """(token ids, is_target per token), cut to seq_len: prompt + completion + end token, or each
+    message as <|im_start|>{role}\\n{content}<|im_end|>\\n, targets the assistant's content + <|im_end|>."""
+    if "messages" not in rec:
+        pieces = [(tok.encode(rec["prompt"]), False), (tok.encode(rec["completion"]) + [tok.eos_id], True)]
+    else:
+        missing = [s for s in ("<|im_start|>", "<|im_end|>") if s not in tok.special]
+        if missing:
+            raise DataError(f"the tokenizer has no {missing[0]} token: use prompt/completion records")
+        start, end, newline = tok.special["<|im_start|>"], tok.special["<|im_end|>"], tok.encode("\n")
+        pieces = [piece for m in rec["messages"] for piece in (
+            ([start] + tok.encode(f"{m['role']}\n"), False),
+            (tok.encode(m["content"]) + [end], m["role"] == "assistant"), (newline, False))]
+    ids = [t for part, _ in pieces for t in part]
+    return ids[:seq_len], [learn for part, learn in pieces for _ in part][:seq_len]
+
+
+def encode_records(tok, records, path, seq_len) -> list:
+    examples = [encode_record(tok, rec, seq_len) for _, rec in records]
+    empty = [n for (n, _), (_, is_target) in zip(records, examples) if not any(is_target[1:])]
+    if empty:
+        raise DataError(f"{path}, lines {empty[:10]}: no target token within --seq-len {seq_len}")
+    return examples
+
+
+def split_validation(examples, fraction, seed) -> tuple:
+    """(training, validation) examples: a seeded random `fraction` held out (at least one)."""
+    if not fraction:
+        return examples, []
+    order = random.Random(seed).sample(range(len(examples)), len(examples))
+    n_val = max(1, round(fraction * len(examples)))
+    if n_val >= len(examples):
+        raise DataError(f"--val-fraction {fraction} of {len(examples)} examples leaves none to train on")
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def collate(examples) -> tuple:
+    """(tokens [B, T], loss mask [B, T-1], tokens that are not padding); mask[b, t]: position t
+    predicts a target token."""
+    T = max(len(ids) for ids, _ in examples)
+    tokens = torch.zeros(len(examples), T, dtype=torch.long)
+    mask = torch.zeros(len(examples), T - 1, dtype=torch.bool)
+    for row, (ids, is_target) in enumerate(examples):
+        tokens[row, :len(ids)] = torch.tensor(ids)
+        mask[row, :len(ids) - 1] = torch.tensor(is_target[1:], dtype=torch.bool)
+    return tokens, mask, sum(len(ids) for ids, _ in examples)
+
+
+def batches(examples, batch_size, rng, skip=0):
+    """Endless collated batches; each pool of 32 batches is sorted by length so a batch pads
+    little. The first `skip` batches are passed over without being built (a resumed run)."""
+    if not examples:
+        raise ValueError("no training examples")
+    done = 0
     while True:
         order = rng.sample(range(len(examples)), len(examples))
         pool_size = batch_size * 32
@@ -98,66 +294,136 @@ def batches(examples, batch_size, rng):
             chunks = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
             rng.shuffle(chunks)
             for chunk in chunks:
-                T = max(len(examples[i][0]) for i in chunk)
-                tokens = torch.zeros(len(chunk), T, dtype=torch.long)
-                mask = torch.zeros(len(chunk), T - 1, dtype=torch.bool)
-                for row, i in enumerate(chunk):
-                    ids, n_prompt = examples[i]
-                    tokens[row, :len(ids)] = torch.tensor(ids)
-                    mask[row, n_prompt - 1:len(ids) - 1] = True
-                yield tokens, mask, sum(len(examples[i][0]) for i in chunk)
+                done += 1
+                if done > skip:
+                    yield collate([examples[i] for i in chunk])
 
 
 # ------------------------------------------------------------------------------------ training
 
 def prepare(net, cfg: TrainConfig):
-    """LoRA (section 4.1): freeze W0, add (alpha/r) B A on the targets; or train every weight."""
+    """LoRA (section 4.1): freeze W0, add (alpha/r) B A on the targets (from the checkpoint when
+    resuming); or train every weight."""
     if cfg.method == "full":
         for p in net.parameters():
             p.requires_grad_(True)
         return net, None
-    unknown = set(cfg.targets.split(",")) - set(TARGET_NAMES)
-    if cfg.method != "lora" or unknown:
-        raise ValueError(f"--method must be lora or full (got {cfg.method!r}); unknown targets {sorted(unknown)}")
-    lcfg = LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                      targets=tuple(TARGET_NAMES[t] for t in cfg.targets.split(",")))
-    add_lora(net, lcfg)
+    lcfg = LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.rslora,
+                      targets=tuple(target_names(cfg.targets)))
+    if cfg.resume:
+        load_adapter(net, cfg.resume)
+    else:
+        add_lora(net, lcfg)
     mark_only_lora_trainable(net)
     return net, lcfg
 
 
-def lm_loss(net, tokens, mask, label_smoothing):
+def lm_loss(net, tokens, mask, label_smoothing, reduction="mean"):
     """Cross-entropy of the next token at the masked (target) positions, with label smoothing."""
     logits = net(tokens[:, :-1], select=mask)                      # [M, V]: the M target positions
-    return F.cross_entropy(logits, tokens[:, 1:][mask], label_smoothing=label_smoothing)
+    return F.cross_entropy(logits, tokens[:, 1:][mask], label_smoothing=label_smoothing,
+                           reduction=reduction)
 
 
-def train(net, examples, cfg: TrainConfig, log=print) -> dict:
-    """AdamW with linear warm-up and linear decay (the paper's schedule); prints progress."""
-    torch.manual_seed(cfg.seed)
+def accumulate(net, micro_batches, cfg: TrainConfig) -> tuple:
+    """The gradient of one optimizer step: the mean loss over every target token of its
+    micro-batches, as if they were one batch, clipped to --max-grad-norm. (loss, norm before
+    clipping)."""
+    n_targets = sum(int(mask.sum()) for _, mask, _ in micro_batches)
+    loss = 0.0
+    for tokens, mask, _ in micro_batches:
+        part = lm_loss(net, tokens, mask, cfg.label_smoothing, "sum") / n_targets
+        part.backward()
+        loss += part.item()
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ramp = lambda s: min((s + 1) / max(cfg.warmup, 1), max(cfg.steps - s, 0) / max(cfg.steps - cfg.warmup, 1))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
-    data, losses, n_tokens = batches(examples, cfg.batch_size, random.Random(cfg.seed)), [], 0
-    net.train()
-    start = time.time()
-    for step in range(1, cfg.steps + 1):
-        tokens, mask, n_real = next(data)
-        loss = lm_loss(net, tokens, mask, cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        n_tokens += n_real
-        elapsed = time.time() - start
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log(f"step {step}/{cfg.steps}  loss {sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.3f}  "
-                f"lr {sched.get_last_lr()[0]:.2e}  tok/s {n_tokens / elapsed:.0f}  "
-                f"elapsed {elapsed / 60:.1f} min  remaining {elapsed / step * (cfg.steps - step) / 60:.1f} min")
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+    return loss, norm.item()
+
+
+@torch.no_grad()
+def validation_loss(net, examples, batch_size) -> float:
+    """Mean cross-entropy (no label smoothing) over every target token of held-out examples."""
+    training, total, count = net.training, 0.0, 0
     net.eval()
-    return {"losses": losses, "train_time_s": time.time() - start, "tokens_per_s": n_tokens / (time.time() - start)}
+    for s in range(0, len(examples), batch_size):
+        tokens, mask, _ = collate(examples[s:s + batch_size])
+        total += lm_loss(net, tokens, mask, 0.0, "sum").item()
+        count += int(mask.sum())
+    net.train(training)
+    return total / count
+
+
+def lr_at(step, cfg: TrainConfig) -> float:
+    """The paper's schedule: linear warm-up over --warmup steps, then linear decay to 0 at --steps;
+    `step` counts from 0."""
+    warm, decay = (step + 1) / max(cfg.warmup, 1), (cfg.steps - step) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * min(warm, decay)
+
+
+def save_checkpoint(net, lcfg, opt, history, cfg: TrainConfig, out_dir) -> str:
+    """checkpoint-{step}: the adapter (PEFT files), AdamW's state and the RNG (safetensors), the
+    step, config and losses so far (trainer_state.json): everything --resume needs."""
+    step = len(history["losses"])
+    path = os.path.join(out_dir, f"checkpoint-{step}")
+    save_adapter(net, path, lcfg)
+    state = {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+    save_file({**state, "torch_rng": torch.get_rng_state()}, os.path.join(path, "optimizer.safetensors"))
+    write_json({"config": asdict(cfg), **history}, os.path.join(path, "trainer_state.json"))
+    return path
+
+
+def restore_checkpoint(opt, path) -> dict:
+    """Load AdamW's state and the RNG saved by save_checkpoint; the history (losses) so far."""
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    state = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        saved = json.load(f)
+    return {"losses": saved["losses"], "val_losses": saved["val_losses"]}
+
+
+def train(net, examples, cfg: TrainConfig, log=print, val=(), lcfg=None, out_dir=None) -> dict:
+    """AdamW, --grad-accum micro-batches per step; validation loss every --eval-every steps; with
+    lcfg, a checkpoint in out_dir every --save-every steps. Prints progress with an ETA."""
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    history = restore_checkpoint(opt, cfg.resume) if cfg.resume else {"losses": [], "val_losses": []}
+    first = len(history["losses"])
+    data = batches(examples, cfg.batch_size, random.Random(cfg.seed), skip=first * cfg.grad_accum)
+    net.train()
+    start, n_tokens = time.time(), 0
+    for step in range(first + 1, cfg.steps + 1):
+        micro = [next(data) for _ in range(cfg.grad_accum)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, cfg)
+        loss, norm = accumulate(net, micro, cfg)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history["losses"].append(loss)
+        n_tokens += sum(n for _, _, n in micro)
+        if val and (step % cfg.eval_every == 0 or step == cfg.steps):
+            history["val_losses"].append([step, validation_loss(net, val, cfg.eval_batch)])
+            log(f"step {step}: validation loss {history['val_losses'][-1][1]:.3f}")
+        if lcfg and cfg.save_every and step % cfg.save_every == 0:
+            log(f"saved {save_checkpoint(net, lcfg, opt, history, cfg, out_dir)}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log(progress(step, history["losses"], norm, opt, n_tokens, time.time() - start, first, cfg))
+    net.eval()
+    elapsed = time.time() - start
+    return {**history, "train_time_s": elapsed, "step_s": elapsed / max(cfg.steps - first, 1),
+            "tokens_per_s": n_tokens / max(elapsed, 1e-9)}
+
+
+def progress(step, losses, norm, opt, n_tokens, elapsed, first, cfg: TrainConfig) -> str:
+    recent, done = losses[-cfg.log_every:], step - first
+    return (f"step {step}/{cfg.steps}  loss {sum(recent) / len(recent):.3f}  grad norm {norm:.2f}  "
+            f"lr {opt.param_groups[0]['lr']:.2e}  tok/s {n_tokens / elapsed:.0f}  elapsed "
+            f"{elapsed / 60:.1f} min  remaining {elapsed / done * (cfg.steps - step) / 60:.1f} min")
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -171,7 +437,7 @@ def clean_output(tok, ids) -> str:
 
 @torch.no_grad()
 def generate_outputs(net, tok, mrs, cfg: TrainConfig, log=print) -> list:
-    """One output per MR. Prompts are sorted by length so each generate call pads little."""
+    """One output per MR. Prompts are sorted by length so each decoding call pads little."""
     net.eval()
     prompts = [tok.encode(f"{mr}\n") for mr in mrs]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -179,12 +445,12 @@ def generate_outputs(net, tok, mrs, cfg: TrainConfig, log=print) -> list:
     for s in range(0, len(order), cfg.eval_batch):
         if s:
             log(f"decoded {s}/{len(order)} MRs, {time.time() - start:.0f} s")
-        idx = order[s:s + cfg.eval_batch]
+        chunk = [prompts[i] for i in order[s:s + cfg.eval_batch]]
         if cfg.beam > 1:
-            new = [beam_search(net, prompts[i], cfg, tok.eos_id) for i in idx]
+            new = beam_search(net, chunk, cfg, tok.eos_id)
         else:
-            new = net.generate([prompts[i] for i in idx], cfg.max_new_tokens, eos_id=tok.eos_id)
-        for i, ids in zip(idx, new):
+            new = net.generate(chunk, cfg.max_new_tokens, eos_id=tok.eos_id)
+        for i, ids in zip(order[s:s + cfg.eval_batch], new):
             outs[i] = clean_output(tok, ids)
     return outs
 
@@ -197,41 +463,101 @@ def repeated_ngram_ban(seq, n) -> set:
     return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix}
 
 
+class Beams:
+    """The K hypotheses of every prompt still decoding: row r of the batch is beam r % K of prompt
+    live[r // K]; finished[p] collects (score / length^penalty, tokens) of ended hypotheses."""
+
+    def __init__(self, n_prompts, K, length_penalty, device):
+        self.K, self.penalty, self.live = K, length_penalty, list(range(n_prompts))
+        self.seqs = [[] for _ in range(n_prompts * K)]
+        self.scores = torch.full((n_prompts * K,), -math.inf, device=device)
+        self.scores[::K] = 0.0                                   # the K beams of a prompt start identical
+        self.finished = [[] for _ in range(n_prompts)]
+
+    def close(self, p, rows):
+        """Prompt p stops: its live hypotheses join its finished ones."""
+        self.finished[p] += [(self.scores[r].item() / max(len(self.seqs[r]), 1) ** self.penalty,
+                              self.seqs[r]) for r in rows if self.scores[r] > -math.inf]
+
+    def step(self, logp, eos_id) -> list:
+        """Extend every live prompt's beams by the best 2K of its K x V candidates (logp [R, V],
+        scores included); ended ones finish. The rows the new beams continue, [] when all done."""
+        K, V = self.K, logp.shape[1]
+        top = logp.view(len(self.live), K * V).topk(2 * K, dim=1)          # [P, 2K] over K*V
+        rows, toks, scores, live = [], [], [], []
+        for i, p in enumerate(self.live):
+            chosen = []
+            for val, flat in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                row, t = i * K + flat // V, flat % V
+                if val == -math.inf:
+                    break
+                if t == eos_id:
+                    ended = self.seqs[row]                      # its end token is not kept
+                    self.finished[p].append((val / (len(ended) + 1) ** self.penalty, ended))
+                elif len(chosen) < K:
+                    chosen.append((row, t, val))
+            if len(self.finished[p]) >= K or not chosen:
+                self.close(p, range(i * K, i * K + K))
+                continue
+            chosen += [(chosen[0][0], chosen[0][1], -math.inf)] * (K - len(chosen))   # K rows each
+            live.append(p)
+            rows += [row for row, _, _ in chosen]
+            toks += [t for _, t, _ in chosen]
+            scores += [val for _, _, val in chosen]
+        self.seqs = [self.seqs[r] + [t] for r, t in zip(rows, toks)]
+        self.scores = torch.tensor(scores, device=self.scores.device)
+        self.live, self.tokens = live, toks
+        return rows
+
+    def best(self) -> list:
+        for i, p in enumerate(self.live):
+            self.close(p, range(i * self.K, i * self.K + self.K))
+        return [max(f, key=lambda h: h[0])[1] if f else [] for f in self.finished]
+
+
+def reorder_cache(cache, rows):
+    """Row i of the KV cache becomes old row rows[i]: the beams each new hypothesis continues. Only
+    the filled positions are copied while the row count holds; prompts that are done shrink it."""
+    if len(rows) == cache.k.shape[1]:
+        n = cache.length
+        cache.k[:, :, :, :n], cache.v[:, :, :, :n] = cache.k[:, rows, :, :n], cache.v[:, rows, :, :n]
+    else:
+        cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]           # [L, R', nkv, S, hd]
+
+
 @torch.no_grad()
-def beam_search(net, prompt, cfg: TrainConfig, eos_id) -> list:
-    """Beam search over one prompt with a KV cache: K beams, final score logp / length^penalty,
-    n-gram repeats (in the generated tokens) forbidden; stops once K hypotheses have ended."""
-    K, V = cfg.beam, net.config.vocab_size
-    w = net.lm_head.weight
-    cache = KVCache(net.config, K, len(prompt) + cfg.max_new_tokens, w.dtype, w.device)
-    logits = net(torch.tensor([prompt] * K), cache=cache)[:, -1]                # [K, V]
-    seqs, scores = [[] for _ in range(K)], torch.full((K,), -math.inf)
-    scores[0] = 0.0                                                             # beams start identical
-    finished = []
+def beam_search(net, prompts, cfg: TrainConfig, eos_id) -> list:
+    """Beam search for P prompts at once: the prompts' K beams are the R = P K rows of one batch
+    (left-padded, as Llama.generate); after each step the KV cache rows follow the beams they
+    continue, and prompts that are done leave the batch. Returns each prompt's best tokens."""
+    K, device = cfg.beam, net.lm_head.weight.device
+    T0 = max(len(p) for p in prompts)
+    total = T0 + cfg.max_new_tokens
+    tokens = torch.zeros(len(prompts), T0, dtype=torch.long, device=device)
+    key_mask = torch.ones(len(prompts), total, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, T0 - len(p):] = torch.tensor(p)
+        key_mask[i, :T0 - len(p)] = False
+    positions = (key_mask[:, :T0].cumsum(1) - 1).clamp(min=0)            # pads do not count
+    cache = KVCache(net.config, len(prompts), total, net.lm_head.weight.dtype, device)
+    logits = net(tokens, positions, cache, key_mask)[:, -1]              # [P, V]: prefill once
+    rows = torch.arange(len(prompts), device=device).repeat_interleave(K)   # then K rows per prompt
+    logits, key_mask, pos = logits[rows], key_mask[rows], positions[rows, -1:] + 1
+    cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]                # [L, R, nkv, S, hd]
+    beams = Beams(len(prompts), K, cfg.length_penalty, device)
     for _ in range(cfg.max_new_tokens):
-        logp = torch.log_softmax(logits.float(), -1) + scores[:, None]          # [K, V]
-        for k, seq in enumerate(seqs):
-            logp[k, list(repeated_ngram_ban(seq, cfg.no_repeat_ngram))] = -math.inf
-        top = logp.view(-1).topk(2 * K)                                         # [2K] over K*V
-        rows, toks, new_scores = [], [], []
-        for val, flat in zip(top.values.tolist(), top.indices.tolist()):
-            k, t = divmod(flat, V)
-            if val == -math.inf:
-                break
-            if t == eos_id:
-                finished.append((val / (len(seqs[k]) + 1) ** cfg.length_penalty, seqs[k]))
-            elif len(rows) < K:
-                rows, toks, new_scores = rows + [k], toks + [t], new_scores + [val]
-        if len(finished) >= K or not rows:
+        logp = torch.log_softmax(logits.float(), -1) + beams.scores[:, None]    # [R, V]
+        for r, seq in enumerate(beams.seqs):
+            logp[r, list(repeated_ngram_ban(seq, cfg.no_repeat_ngram))] = -math.inf
+        rows = beams.step(logp, eos_id)
+        if not rows:
             break
-        rows += [rows[0]] * (K - len(rows))                                     # keep K rows in the cache
-        toks += [toks[0]] * (K - len(toks))
-        new_scores += [-math.inf] * (K - len(new_scores))
-        seqs, scores = [seqs[k] + [t] for k, t in zip(rows, toks)], torch.tensor(new_scores)
-        cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]                   # [L, K, nkv, S, hd]
-        logits = net(torch.tensor(toks)[:, None], cache=cache)[:, -1]
-    finished += [(s / max(len(q), 1) ** cfg.length_penalty, q) for s, q in zip(scores.tolist(), seqs) if s > -math.inf]
-    return max(finished, key=lambda f: f[0])[1] if finished else []
+        rows = torch.tensor(rows, device=device)
+        reorder_cache(cache, rows)
+        key_mask, pos = key_mask[rows], pos[rows]
+        logits = net(torch.tensor(beams.tokens, device=device)[:, None], pos, cache, key_mask)[:, -1]
+        pos = pos + 1
+    return beams.best()
 
 
 # ------------------------------------------------------------------------------------ experiments
@@ -240,7 +566,8 @@ def evaluate(net, tok, groups, cfg: TrainConfig, log=print) -> tuple:
     """(outputs, metrics with eval_time_s) on the MR groups [(mr, [refs])]."""
     start = time.time()
     outs = generate_outputs(net, tok, [mr for mr, _ in groups], cfg, log)
-    return outs, {**e2e_metrics(outs, [refs for _, refs in groups]), "eval_time_s": time.time() - start}
+    metrics = e2e_metrics(outs, [refs for _, refs in groups])
+    return outs, {**metrics, "eval_time_s": time.time() - start}
 
 
 def write_json(obj, path):
@@ -248,50 +575,67 @@ def write_json(obj, path):
         json.dump(obj, f, indent=2)
 
 
+def write_lines(lines, path):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def folder_mb(path) -> float:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2 ** 20
+    sizes = [os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(path) for f in names]
+    return sum(sizes) / 2 ** 20
 
 
-def run_one(base, tok, examples, groups, cfg: TrainConfig, out_dir, log=print) -> dict:
-    """Fine-tune a copy of `base` as cfg says, save it, decode the test MRs and score them."""
+def fine_tune(base, tok, examples, val, cfg: TrainConfig, out_dir, log=print) -> tuple:
+    """(trained copy of base, the row of its numbers): prepare, train, save the adapter (or model)."""
     torch.manual_seed(cfg.seed)
     net, lcfg = prepare(copy.deepcopy(base), cfg)
     trainable, total = count_parameters(net)
     what = f"lora r={cfg.rank} targets={cfg.targets}" if lcfg else "full fine-tuning"
     log(f"{what}: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
-    stats = train(net, examples, cfg, log)
+    stats = train(net, examples, cfg, log, val, lcfg, out_dir)
     ckpt = os.path.join(out_dir, "adapter" if lcfg else "model")
     if lcfg:
         save_adapter(net, ckpt, lcfg)
     else:
-        save_hf(net, ckpt, tok if isinstance(tok, Tokenizer) else None)   # the test tokenizer has no file form
+        save_hf(net, ckpt, tok if isinstance(tok, Tokenizer) else None)   # the test tokenizer has no file
+    row = {"method": cfg.method, "rank": cfg.rank if lcfg else None,
+           "targets": cfg.targets if lcfg else "all", "trainable": trainable,
+           "trainable_pct": 100 * trainable / total,
+           "final_loss": sum(stats["losses"][-10:]) / len(stats["losses"][-10:]),
+           **{k: stats[k] for k in ("train_time_s", "step_s", "tokens_per_s", "losses", "val_losses")},
+           "checkpoint": ckpt, "checkpoint_mb": folder_mb(ckpt),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return net, row
+
+
+def run_one(base, tok, examples, groups, cfg: TrainConfig, out_dir, log=print, runs=None) -> dict:
+    """Fine-tune a copy of `base` as cfg says, save it, decode the test MRs and score them. The row
+    joins `runs` once trained, so that a failing evaluation still leaves the training's numbers."""
+    net, row = fine_tune(base, tok, examples, (), cfg, out_dir, log)
+    (runs if runs is not None else []).append(row)
     outs, metrics = evaluate(net, tok, groups, cfg, log)
-    with open(os.path.join(out_dir, "predictions.txt"), "w") as f:
-        f.write("\n".join(outs) + "\n")
-    return {"method": cfg.method, "rank": cfg.rank if lcfg else None, "targets": cfg.targets if lcfg else "all",
-            "trainable": trainable, "trainable_pct": 100 * trainable / total, **metrics,
-            "train_time_s": stats["train_time_s"], "step_s": stats["train_time_s"] / cfg.steps,
-            "tokens_per_s": stats["tokens_per_s"],
-            "final_loss": sum(stats["losses"][-10:]) / len(stats["losses"][-10:]),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "checkpoint_mb": folder_mb(ckpt)}
+    write_lines(outs, os.path.join(out_dir, "predictions.txt"))
+    row.update(metrics)
+    return row
 
 
-def score_adapter(base, tok, groups, cfg: TrainConfig, log=print) -> dict:
-    """Decode and score with a saved adapter (no training): the row of a finished run's checkpoint."""
-    net = copy.deepcopy(base)
-    lcfg = load_adapter(net, cfg.adapter)
+def score_adapter(net, lcfg: LoRAConfig, tok, groups, cfg: TrainConfig, log=print, runs=None) -> dict:
+    """Decode and score with the adapter loaded from cfg.adapter (no training)."""
     mark_only_lora_trainable(net)
-    outs, metrics = evaluate(net, tok, groups, cfg, log)
-    with open(os.path.join(cfg.out, "predictions.txt"), "w") as f:
-        f.write("\n".join(outs) + "\n")
     targets = ",".join(k for k, v in TARGET_NAMES.items() if v in lcfg.targets)
-    return {"method": "lora (loaded)", "rank": lcfg.r, "targets": targets, **metrics,
-            "trainable": count_parameters(net)[0], "checkpoint_mb": folder_mb(cfg.adapter)}
+    row = {"method": "lora (loaded)", "rank": lcfg.r, "targets": targets,
+           "trainable": count_parameters(net)[0], "checkpoint": cfg.adapter,
+           "checkpoint_mb": folder_mb(cfg.adapter)}
+    (runs if runs is not None else []).append(row)
+    outs, metrics = evaluate(net, tok, groups, cfg, log)
+    write_lines(outs, os.path.join(cfg.out, "predictions.txt"))
+    row.update(metrics)
+    return row
 
 
-SWEEP_RANKS, SWEEP_TARGETS = (1, 2, 4, 8, 64), ("q", "q,v", "q,k,v,o")   # Table 6 / Table 18 of the paper
-COLUMNS = ("method", "rank", "targets", "trainable", "trainable_pct", "BLEU", "BLEU_lc", "NIST", "ROUGE_L", "CIDEr",
-           "train_time_s", "step_s", "tokens_per_s", "peak_rss_mb", "checkpoint_mb")
+SWEEP_RANKS, SWEEP_TARGETS = (1, 2, 4, 8, 64), ("q", "q,v", "q,k,v,o")   # section 7.2: Tables 6, 18
+COLUMNS = ("method", "rank", "targets", "trainable", "trainable_pct", "BLEU", "BLEU_lc", "NIST",
+           "ROUGE_L", "CIDEr", "train_time_s", "step_s", "tokens_per_s", "peak_rss_mb", "checkpoint_mb")
 
 
 def table(rows) -> str:
@@ -303,60 +647,117 @@ def table(rows) -> str:
 
 
 def load_splits(cfg: TrainConfig, log=print) -> tuple:
-    """(training rows, name of the training split, test MR groups limited to eval_limit)."""
-    paths = ensure_data(cfg.data or os.environ.get("E2E_DATA") or os.path.expanduser("~/.cache/e2e-nlg"))
+    """(training rows, or None when scoring an adapter; the training split's name; the test MR
+    groups up to --eval-limit); DataError naming the folder, or the file and line."""
+    folder = cfg.e2e_dir or os.environ.get("E2E_DATA") or os.path.expanduser("~/.cache/e2e-nlg")
+    paths = ensure_data(folder)
+    groups = group_refs(read_e2e(paths["test"]))[:cfg.eval_limit]
+    if cfg.adapter:
+        return None, None, groups
     split = "train" if paths["train"] else "dev"
+    if not paths[split]:
+        raise DataError(f"{folder}: no training split (trainset.csv or devset.csv) beside "
+                        "testset_w_refs.csv")
     if split == "dev":
-        log(f"trainset.csv not found next to {paths['test']}: training on the dev split (devset.csv) instead")
-    groups = group_refs(read_e2e(paths["test"]))
-    if cfg.eval_limit is not None and cfg.eval_limit < 1:
-        raise ValueError(f"--eval-limit must be at least 1, got {cfg.eval_limit}")
-    return read_e2e(paths[split]), split, groups if cfg.eval_limit is None else groups[:cfg.eval_limit]
+        log(f"trainset.csv not found next to {paths['test']}: training on the dev split "
+            "(devset.csv) instead")
+    return read_e2e(paths[split]), split, groups
 
 
-def main(cfg: TrainConfig, log=print) -> dict:
+def check_fits(net, prompts, cfg: TrainConfig):
+    """The longest prompt plus --max-new-tokens, and --seq-len, within the model's context."""
+    context, longest = net.config.max_seq_len, max(map(len, prompts), default=0)
+    if longest + cfg.max_new_tokens > context:
+        raise UsageError(f"--max-new-tokens {cfg.max_new_tokens}: the longest test prompt "
+                         f"({longest} tokens) plus that many exceeds the model's context of {context}")
+    if cfg.seq_len > context:
+        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's context of {context} tokens")
+
+
+def score_baseline(base, tok, groups, cfg: TrainConfig, log=print) -> dict:
+    outs, metrics = evaluate(base, tok, groups[:cfg.baseline_limit], cfg, log)
+    write_lines(outs, os.path.join(cfg.out, "predictions_base.txt"))
+    log(f"base model on {len(outs)} MRs: BLEU {metrics['BLEU']:.2f}, {metrics['eval_time_s']:.0f} s")
+    return {"method": f"base, {len(outs)} MRs", "trainable": 0, **metrics}
+
+
+NOTE = ("BLEU is case-sensitive (sacrebleu's default), BLEU_lc lowercased (the E2E scorer); METEOR "
+        "omitted (needs Java); CIDEr is the COCO scorer's CIDEr-D form")
+
+
+def run_e2e(cfg: TrainConfig, results: dict, log=print):
+    """The E2E experiment: base model, then each run (or the --adapter) trained and scored;
+    results.json rewritten after each run."""
     rows, split, groups = load_splits(cfg, log)
     base, tok = load_model(cfg.base)
-    examples = [encode_example(tok, mr, ref, cfg.seq_len) for mr, ref in rows]
-    log(f"{len(examples)} training examples ({split} split), {len(groups)} test MRs, "
-        f"{sum(map(len, (r for _, r in groups)))} references")
-    os.makedirs(cfg.out, exist_ok=True)
-    results = {"config": asdict(cfg), "train_split": split, "test_mrs": len(groups), "runs": [],
-               "note": "BLEU is case-sensitive (sacrebleu's default), BLEU_lc lowercased (the E2E scorer); METEOR "
-                       "omitted (needs Java); CIDEr is the COCO scorer's CIDEr-D form"
-                       + ("; trained on devset.csv because trainset.csv is absent" if split == "dev" else "")}
+    check_fits(base, [tok.encode(f"{mr}\n") for mr, _ in groups], cfg)
+    adapted = copy.deepcopy(base) if cfg.adapter else None
+    lcfg = load_adapter(adapted, cfg.adapter) if cfg.adapter else None   # refused before any scoring
+    examples = [encode_example(tok, mr, ref, cfg.seq_len) for mr, ref in rows or []]
+    examples, val = split_validation(examples, cfg.val_fraction, cfg.seed)
+    log(f"{len(examples)} training examples ({split or 'no'} split), {len(groups)} test MRs, "
+        f"{sum(len(refs) for _, refs in groups)} references")
+    results.update(train_split=split, test_mrs=len(groups), runs=[])
+    results["note"] = NOTE + ("; trained on devset.csv: trainset.csv is absent" if split == "dev" else "")
     if not cfg.no_baseline:
-        outs, metrics = evaluate(base, tok, groups[:cfg.baseline_limit], cfg, log)
-        with open(os.path.join(cfg.out, "predictions_base.txt"), "w") as f:
-            f.write("\n".join(outs) + "\n")
-        results["baseline"] = {"method": f"base, {len(outs)} MRs", "trainable": 0, **metrics}
-        log(f"base model on {len(outs)} MRs: BLEU {metrics['BLEU']:.2f}, {metrics['eval_time_s']:.0f} s")
-    if cfg.adapter:
-        results["runs"].append(score_adapter(base, tok, groups, cfg, log))
+        results["baseline"] = score_baseline(base, tok, groups, cfg, log)
+    if adapted is not None:
+        score_adapter(adapted, lcfg, tok, groups, cfg, log, results["runs"])
     grid = [(r, t) for t in SWEEP_TARGETS for r in SWEEP_RANKS] if cfg.sweep else [(cfg.rank, cfg.targets)]
-    for rank, targets in [] if cfg.adapter else grid:
+    for rank, targets in [] if cfg.adapter else grid:   # the sweep: section 7.2
         run_cfg = TrainConfig(**{**asdict(cfg), "rank": rank, "targets": targets})
         out_dir = os.path.join(cfg.out, f"r{rank}_{targets.replace(',', '')}") if cfg.sweep else cfg.out
         os.makedirs(out_dir, exist_ok=True)
-        results["runs"].append(run_one(base, tok, examples, groups, run_cfg, out_dir, log))
+        run_one(base, tok, examples, groups, run_cfg, out_dir, log, results["runs"])
         log(table(results["runs"][-1:]))
-        write_json(results, os.path.join(cfg.out, "results.json"))      # after every run: a sweep can be cut short
-    write_json(results, os.path.join(cfg.out, "results.json"))
-    log(f"\ntrained on the {split} split; evaluated on {len(groups)} test MRs\n"
+        write_json(results, os.path.join(cfg.out, "results.json"))     # a sweep can be cut short
+    log(f"\n{f'trained on the {split} split; ' if split else ''}evaluated on {len(groups)} test MRs\n"
         + table(results["runs"] + ([results["baseline"]] if "baseline" in results else [])))
+
+
+def run_data(cfg: TrainConfig, results: dict, log=print):
+    """Your data: every record checked before the model loads; train with the validation split,
+    save the adapter (PEFT) in --out/adapter."""
+    records = read_records(cfg.data)
+    base, tok = load_model(cfg.base)
+    check_fits(base, [], cfg)
+    examples, val = split_validation(encode_records(tok, records, cfg.data, cfg.seq_len),
+                                     cfg.val_fraction, cfg.seed)
+    log(f"{len(examples)} training and {len(val)} validation examples from {cfg.data}")
+    results.update(train_examples=len(examples), val_examples=len(val), runs=[])
+    _, row = fine_tune(base, tok, examples, val, cfg, cfg.out, log)
+    results["runs"].append(row)
+
+
+def main(cfg: TrainConfig, log=print) -> dict:
+    """Check every flag, then run E2E or --data; results.json is written at the end and, with the
+    error, when anything fails after the checks."""
+    check_flags(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    results = {"config": asdict(cfg)}
+    try:
+        (run_data if cfg.data else run_e2e)(cfg, results, log)
+    except BaseException as e:                       # KeyboardInterrupt too: keep what was done
+        results["failed"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        write_json(results, os.path.join(cfg.out, "results.json"))
     return results
 
 
 def parse_args(argv=None) -> TrainConfig:
+    """The config from the command line; a flag that cannot work is a usage error (exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cfg, = cli.parse([TrainConfig], "", argv, parser)
-    if cfg.task != "e2e":
-        parser.error(f"--task {cfg.task!r}: only e2e is implemented")
+    try:
+        check_flags(cfg)
+    except UsageError as e:
+        parser.error(str(e))
     return cfg
 
 
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except DataError as e:
+    except (DataError, UsageError, AdapterError) as e:
         raise SystemExit(f"error: {e}")
