@@ -28,7 +28,7 @@ def add_flags(parser: argparse.ArgumentParser, config_cls):
         elif isinstance(f.default, bool):
             parser.add_argument(name, action="store_true", help=help)
         else:
-            shown = "" if f.default is None else f" (default {f.default})"
+            shown = "" if f.default in (None, "") else f" (default {f.default})"
             parser.add_argument(name, type=f.metadata["type"], default=f.default, help=help + shown)
 
 

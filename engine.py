@@ -1,4 +1,4 @@
-"""S-LoRA's serving engine (Sheng et al. 2023, arXiv 2311.03285, sections 3-5) and its baselines.
+"""S-LoRA's serving engine (Sheng et al. 2023, arXiv 2311.03285, sections 3-5).
 
 One base model serves many LoRA adapters at once. Each call of `step` is one iteration:
     schedule     scheduler.py: who leaves, who joins, within the page budget of the unified pool
@@ -9,8 +9,8 @@ One base model serves many LoRA adapters at once. Each call of `step` is one ite
                  straight from the pool pages: MBGMM (a segment per request) when the step has
                  prompts, MBGMV (a segment per token) when every request decodes
     postprocess  sample, append, finish requests: free their KV pages, release their adapters
-The paper's baselines (section 7) override only what differs: NoUnifiedEngine, BmmEngine,
-MergedEngine; the benchmark's fifth mode, base, is Engine with every request on the base model.
+The paper's baselines (baselines.py) are subclasses that override only what differs; the
+benchmark's fifth mode, base, is Engine with every request on the base model.
 
 Every request ends FINISHED, FAILED (with the reason: refused at submission, its adapter could not
 be loaded, its logits turned non-finite, its step raised) or ABORTED (first token late, or
@@ -25,17 +25,18 @@ model), Rm their largest rank.
 """
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from numbers import Integral, Real
-from typing import Callable, Dict, List, NamedTuple, Optional, Set, Union
+from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 
 import cli
 import kernels
 from lora import AdapterError
-from model import Batch, Llama, sample
+from model import Batch, Llama, SamplingParams, sample_one
 from paging import HostAdapter, PoolConfig, UnifiedPool, kv_pages, target_widths
 from scheduler import Request, RequestRejected, ScheduledBatch, Scheduler, SchedulerConfig, State
 
@@ -121,7 +122,8 @@ class Engine:
             self.cfg = EngineConfig(**options)
         except TypeError as e:   # e.g. mode=...: the class is the mode (ENGINES)
             names = [f.name for f in fields(EngineConfig)]
-            raise ValueError(f"{e}; engine options: {names} (a mode: ENGINES[mode])") from None
+            raise ValueError(f"{e}; engine options: {names} "
+                             "(a mode: baselines.ENGINES[mode])") from None
         self.model, self.eos_id = model, eos_id
         kv_budget, adapter_budget = self._memory_split()
         w = model.lm_head.weight
@@ -138,11 +140,15 @@ class Engine:
         self.out_dim = target_widths(model.config)
         self.requests: Dict[int, Request] = {}
         self.tokens: Dict[int, List[int]] = {}      # request id -> prompt + generated tokens
-        self.temperature: Dict[int, float] = {}
+        self.sampling: Dict[int, SamplingParams] = {}
+        self.generators: Dict[int, torch.Generator] = {}   # a request's own random stream
+        self.stops: Dict[int, FrozenSet[int]] = {}   # token ids that end a request (EOS, ...)
         self.reasons: Dict[int, str] = {}           # why a request FAILED or was ABORTED
         self.live: Set[int] = set()                 # queued and not ended
         self.holds_adapter: Set[int] = set()        # requests holding an adapter reference
         self.stats: List[StepStats] = []
+        self.ended: Counter = Counter()             # State -> requests that ended in it
+        self.generated = self.loads = self.dropped = self.next_id = 0   # counts for metrics
         self.t0 = time.perf_counter()
 
     def _memory_split(self):
@@ -174,12 +180,21 @@ class Engine:
             self._retire(self.adapters[adapter.name])
         self.adapters[adapter.name] = key
 
-    def remove_adapter(self, name: str):
+    def remove_adapter(self, name: str) -> int:
         """Forget a name: new requests for it fail as unknown. Deferred, never refused: requests
-        already submitted finish with it, and its pages are freed when the last one ends."""
+        already submitted finish with it, and its pages are freed when the last one ends.
+        Returns how many requests still use it (0: freed now)."""
         if name not in self.adapters:
             raise KeyError(f"adapter {name!r} is not registered")
-        self._retire(self.adapters.pop(name))
+        key = self.adapters.pop(name)
+        self._retire(key)
+        return sum(self.requests[i].adapter == key for i in self.live)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapters
+
+    def adapter_names(self) -> List[str]:
+        return list(self.adapters)
 
     def _retire(self, key: str):
         self.retired.add(key)
@@ -189,6 +204,7 @@ class Engine:
         if key in self.retired and not any(self.requests[i].adapter == key for i in self.live):
             self.retired.discard(key)
             del self.adapter_pages[key]
+            self.dropped += key in self.pool.resident   # left the pool without an eviction
             self.pool.unregister(key)
 
     def _store(self, adapter: HostAdapter):
@@ -202,22 +218,38 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt: List[int], adapter: Optional[str], max_new_tokens: int,
-               arrival: Optional[float] = None, temperature: float = 0.0) -> int:
-        """Queue a request; returns its id. One that can never be served ends FAILED at once,
-        with the reason, holding nothing."""
-        rid = len(self.requests)
+               arrival: Optional[float] = None, temperature: float = 0.0,
+               sampling: Optional[SamplingParams] = None, stop_ids=()) -> int:
+        """Queue a request; returns its id. It samples with `sampling` (default: at
+        `temperature`, no top-k or top-p) from its own generator, seeded by sampling.seed (else
+        at random), and ends at a token of stop_ids or EOS. One that can never be served ends
+        FAILED at once, with the reason (`failure`), holding nothing."""
+        rid, self.next_id = self.next_id, self.next_id + 1
         req = Request(rid, 0, 0, None, self.now() if arrival is None else arrival)
         self.requests[rid], self.tokens[rid] = req, []
+        params = SamplingParams(temperature) if sampling is None else sampling
         try:
-            self._check_request(prompt, adapter, max_new_tokens, temperature)
+            self._check_sampling(params, stop_ids)
+            self._check_request(prompt, adapter, max_new_tokens, params.temperature)
             req.prompt_len, req.max_new_tokens = len(prompt), max_new_tokens
             req.adapter = None if adapter is None else self.adapters[adapter]
-            self.tokens[rid], self.temperature[rid] = list(prompt), float(temperature)
+            self.tokens[rid], self.sampling[rid] = list(prompt), params
+            seed = torch.randint(2**62, ()).item() if params.seed is None else params.seed
+            self.generators[rid] = torch.Generator(self.pool.tensor.device).manual_seed(seed)
+            self.stops[rid] = frozenset(stop_ids) | ({self.eos_id} - {None})
             self._enqueue(req)
             self.live.add(rid)
         except RequestRejected as e:
             self._end(req, State.FAILED, f"request {rid}: {e}")
         return rid
+
+    @staticmethod
+    def _check_sampling(params, stop_ids):
+        if not isinstance(params, SamplingParams) or params.check():
+            raise RequestRejected(params.check() if isinstance(params, SamplingParams) else
+                                  f"sampling must be a SamplingParams, got {params!r:.40}")
+        if not all(_whole(t, 0) for t in stop_ids):
+            raise RequestRejected(f"stop_ids must be token ids, got {stop_ids!r:.40}")
 
     def _check_request(self, prompt, adapter, max_new_tokens, temperature):
         """Raise RequestRejected naming the first problem; the scheduler checks the sizes."""
@@ -265,6 +297,44 @@ class Engine:
         if req.state == State.FINISHED:
             return self.tokens[rid][req.prompt_len:]
         return Failed(self.reasons.get(rid, f"request {rid} is {req.state.value}"), req.state)
+
+    def progress(self, rid: int) -> Tuple[List[int], str, Optional[str]]:
+        """(tokens generated so far, state, why it failed or was aborted): what a stream reads."""
+        req = self.requests[rid]
+        return self.tokens[rid][req.prompt_len:], req.state.value, self.reasons.get(rid)
+
+    def failure(self, rid: int) -> Optional[str]:
+        """Why the request failed (right after submit: why it was refused), or None."""
+        return self.reasons[rid] if self.requests[rid].state == State.FAILED else None
+
+    def stop_ids(self, rid: int) -> FrozenSet[int]:
+        return self.stops.get(rid, frozenset())
+
+    def forget(self, rid: int):
+        """Drop the records of an ended request (a server that runs for days keeps none)."""
+        if rid in self.live:
+            raise ValueError(f"request {rid} has not ended: cancel it first")
+        for records in (self.requests, self.tokens, self.sampling, self.generators, self.stops,
+                        self.reasons):
+            records.pop(rid, None)
+
+    def metrics(self) -> Dict[str, Tuple[str, int]]:
+        """name -> (help, value): the queue, the pool and the adapters, for /metrics."""
+        states, pool = Counter(self.requests[i].state for i in self.live), self.pool.stats()
+        return {"requests_waiting": ("requests queued", states[State.WAITING]),
+                "requests_running": ("requests in the running batch", states[State.RUNNING]),
+                "requests_finished": ("requests finished", self.ended[State.FINISHED]),
+                "requests_failed": ("requests failed", self.ended[State.FAILED]),
+                "requests_aborted": ("requests cancelled or aborted", self.ended[State.ABORTED]),
+                "tokens_generated": ("tokens generated", self.generated),
+                "pages_free": ("free pages of the unified pool", pool.free),
+                "pages_kv": ("pages holding KV cache", pool.kv),
+                "pages_adapter": ("pages holding adapter weights", pool.adapter),
+                "adapters_registered": ("adapter names served", len(self.adapters)),
+                "adapters_resident": ("adapters in the pool", len(self.pool.resident)),
+                "adapter_loads": ("adapter copies into the pool", self.loads),
+                "adapter_evictions": ("adapters evicted from the pool",
+                                      self.loads - len(self.pool.resident) - self.dropped)}
 
     def cancel(self, rid: int) -> bool:
         """End a waiting or running request now (ABORTED), freeing its pages and adapter
@@ -371,18 +441,19 @@ class Engine:
             else:
                 self._end(req, State.FAILED, "its logits are not finite (NaN or inf): the adapter "
                                              "or the numbers overflow")
-        stopped = frozenset(r.id for r, t in zip(rows, new) if t == self.eos_id)
+        self.generated += int(finite.sum())
+        stopped = frozenset(r.id for r, t in zip(rows, new) if t in self.stops[r.id])
         for req in self.scheduler.advance(scheduled, self.now(), stopped):
             self._free(req)
 
     def _sample(self, logits: torch.Tensor, rows: List[Request]) -> List[int]:
-        """Each request at its own temperature: one draw per distinct temperature."""
-        temps = [self.temperature[r.id] for r in rows]
-        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        for t in set(temps):
-            idx = torch.tensor([i for i, x in enumerate(temps) if x == t], device=logits.device)
-            out[idx] = sample(logits[idx], t)
-        return out.tolist()
+        """Greedy rows by one argmax; each other row with its own parameters and generator, so
+        that a seeded request draws the same tokens whatever shares its batch."""
+        out = logits.argmax(-1).tolist()                                             # [R]
+        for i, req in enumerate(rows):
+            if self.sampling[req.id].temperature > 0:
+                out[i] = sample_one(logits[i], self.sampling[req.id], self.generators[req.id])
+        return out
 
     def _record(self, start: float, batch: Batch, slots: AdapterSlots):
         self.stats.append(StepStats(time.perf_counter() - start, int(batch.tokens.numel()),
@@ -398,6 +469,7 @@ class Engine:
     def _free(self, req: Request):
         """Give back a request's KV pages and adapter reference; an old version may go."""
         self.live.discard(req.id)
+        self.ended[req.state] += 1
         self.pool.free_seq(req.id)
         if req.id in self.holds_adapter:
             self.holds_adapter.discard(req.id)
@@ -407,7 +479,9 @@ class Engine:
     # ------------------------------------------------------------------ what the baselines change
 
     def _acquire(self, name: str):
+        fresh = name not in self.pool.resident
         self.pool.acquire(name)
+        self.loads += fresh
 
     def _release(self, name: str):
         self.pool.release(name)
@@ -416,7 +490,7 @@ class Engine:
         """S-LoRA 4.2: load the adapters of the next waiting requests before they are scheduled."""
         if self.cfg.prefetch:
             waiting = self.scheduler.waiting[:self.cfg.prefetch]
-            self.pool.prefetch([r.adapter for r in waiting if r.adapter is not None])
+            self.loads += len(self.pool.prefetch([r.adapter for r in waiting if r.adapter]))
 
     def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
         """The step's LoRA function (x [N, H], layer, target) -> delta [N, O] or None: each
@@ -434,156 +508,3 @@ class Engine:
             pool_l = self.pool.tensor[layer]                                       # [P, H]
             return kernels.lora_apply(x, pool_l, plans[target], self.out_dim[target])
         return lora if plans else None
-
-
-class OwnCopy(NamedTuple):
-    """An adapter in tensors of its own (no unified pool): per target A [L, r, H], B^T [L, r, O]."""
-    A: Dict[str, torch.Tensor]
-    Bt: Dict[str, torch.Tensor]
-    scale: float
-
-
-class NoUnifiedEngine(Engine):
-    """Baseline without unified paging: a KV pool of pool_pages - adapter_reserve pages beside
-    adapter_reserve pages of adapter memory, each adapter copied into freshly allocated tensors
-    when a batch needs it and freed when no running request uses it. Slower than slora because
-    the fixed split leaves either KV or adapter memory idle (smaller batches) and adapters are
-    copied again each time they return; on a CPU its LoRA arithmetic is slora's CPU path."""
-
-    def __init__(self, model: Llama, eos_id: Optional[int] = None, **options):
-        self.own_copies: Dict[str, OwnCopy] = {}
-        self.users: Dict[str, int] = {}            # running requests per own copy
-        super().__init__(model, eos_id, **options)
-
-    def _memory_split(self):
-        reserve = self.cfg.adapter_reserve
-        reserve = self.cfg.pool_pages // 2 if reserve is None else reserve
-        return self.cfg.pool_pages - reserve, reserve
-
-    def _acquire(self, name: str):
-        if name not in self.own_copies:   # a fresh allocation and copy, as without a shared pool
-            ad = self.pool.host[name]
-            self.own_copies[name] = OwnCopy({t: ad.a(t).clone() for t in ad.targets},
-                                            {t: ad.bt(t).clone() for t in ad.targets}, ad.scale)
-        self.users[name] = self.users.get(name, 0) + 1
-
-    def _release(self, name: str):
-        self.users[name] -= 1
-        if self.users[name] == 0:
-            del self.own_copies[name], self.users[name]
-
-    def _prefetch(self):
-        """Nothing to prefetch into: adapters are copied when a batch needs them."""
-
-    def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
-        """A pair of matrix products per run of tokens of one adapter (kernels.lora_runs)."""
-        bounds = kernels.segment_starts(slots.lengths).tolist()
-        spans: Dict[str, List[int]] = {}        # adapter -> [t0, t1]: its requests are neighbours
-        for row, slot in enumerate(slots.row_slots.tolist()):
-            if slot:
-                spans.setdefault(slots.names[slot - 1], [bounds[row], 0])[1] = bounds[row + 1]
-
-        def lora(x, layer, target):
-            copies = [(t0, t1, self.own_copies[n]) for n, (t0, t1) in spans.items()]
-            runs = [(t0, t1, c.A[target][layer], c.Bt[target][layer], c.scale)
-                    for t0, t1, c in copies if target in c.A]
-            return kernels.lora_runs(x, runs, self.out_dim[target]) if runs else None
-        return lora if spans else None
-
-
-class BmmEngine(Engine):
-    """Baseline with the unified pool but without the gathered kernels: every step copies the
-    step's adapters into zero-padded tensors [S, Rm, H] and runs torch.bmm per token. Slower than
-    slora because of that copy each step and the padding of every adapter to the largest rank."""
-
-    def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
-        padded = {target: kernels.pad_adapters(self.pool.tensor, t.page_ids, t.a_start, t.b_start,
-                                               t.ranks, t.scales, self.out_dim[target])
-                  for target, t in self.pool.kernel_tables(slots.names).items()
-                  if bool((t.ranks > 0).any())}   # target -> (A [L, S, Rm, H], B^T [L, S, Rm, O])
-        token_slots = slots.token_slots()
-
-        def lora(x, layer, target):
-            if target not in padded:
-                return None
-            A, Bt = padded[target]
-            return kernels.bmm_lora(x, A[layer], Bt[layer], token_slots)
-        return lora if padded else None
-
-
-class MergedEngine(Engine):
-    """The PEFT-style baseline: merge one adapter into the weights (W0 + (alpha/r) B A), batch
-    only its requests, restore the weights to switch. Slower than slora because requests of
-    other adapters wait for their turn: batches are small and the weights are rewritten at
-    every switch."""
-
-    def __init__(self, model: Llama, eos_id: Optional[int] = None, **options):
-        self.waiting_turn: List[Request] = []     # requests of other adapters, not yet scheduled
-        self.merged: Optional[str] = None
-        self.base_weights: Dict[tuple, torch.Tensor] = {}   # (layer, target) -> W0, for the switch
-        super().__init__(model, eos_id, **options)
-
-    def _pages_of(self, adapter: HostAdapter) -> int:
-        return 0                                  # merged into the weights: no pool pages
-
-    def _enqueue(self, req: Request):
-        if self.merged != req.adapter or self.scheduler.idle():
-            self.waiting_turn.append(req)         # waits for its adapter's turn (_switch)
-        else:
-            self.scheduler.submit(req)
-
-    def _end(self, req: Request, state: State, reason: str):
-        self.waiting_turn = [r for r in self.waiting_turn if r is not req]
-        super()._end(req, state, reason)
-
-    def pending(self) -> bool:
-        return bool(self.waiting_turn) or super().pending()
-
-    def _schedule(self) -> ScheduledBatch:
-        if self.scheduler.idle():
-            self._switch()
-        return super()._schedule()
-
-    def _switch(self):
-        """Restore the base weights; merge the adapter of the oldest waiting request and move
-        every waiting request of it to the scheduler."""
-        attn = [layer.self_attn for layer in self.model.model.layers]
-        with torch.no_grad():
-            for (i, t), w in self.base_weights.items():
-                getattr(attn[i], t).weight.copy_(w)
-            self.base_weights, self.merged = {}, None
-            if not self.waiting_turn:
-                return
-            name = min(self.waiting_turn, key=lambda r: r.arrival).adapter
-            if name is not None:
-                ad = self.pool.host[name]
-                for i, t in ((i, t) for i in range(len(attn)) for t in ad.targets):
-                    w = getattr(attn[i], t).weight                                   # [O, H]
-                    self.base_weights[(i, t)] = w.clone()
-                    w += ad.scale * ad.bt(t)[i].T.to(w) @ ad.a(t)[i].to(w)   # (alpha/r) B A
-        self.merged = name
-        for req in [r for r in self.waiting_turn if r.adapter == name]:
-            self.waiting_turn.remove(req)
-            self.scheduler.submit(req)
-
-    def _acquire(self, name: str):
-        """Merged into the weights: nothing to load."""
-
-    def _release(self, name: str):
-        """Nothing was loaded."""
-
-    def _prefetch(self):
-        """Adapters are merged, not loaded into the pool."""
-
-    def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
-        return None
-
-
-ENGINES = {"slora": Engine, "no-unified": NoUnifiedEngine, "bmm": BmmEngine, "merged": MergedEngine}
-
-
-def make_engine(mode: str, model: Llama, eos_id: Optional[int] = None, **options) -> Engine:
-    """ENGINES[mode](model, eos_id, **options), with a clear error for an unknown mode."""
-    if mode not in ENGINES:
-        raise ValueError(f"unknown engine mode {mode!r}; choose from {list(ENGINES)}")
-    return ENGINES[mode](model, eos_id, **options)

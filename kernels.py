@@ -575,51 +575,6 @@ def _want_triton(use_triton, x):
     return x.is_cuda if use_triton is None else use_triton
 
 
-# ---------------------------------------------------------------- compiled for a GPU, no GPU needed
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def kernel_variants():
-    """Every launch the engine can make: (label, pool dtype, kernel, constexprs)."""
-    for dtype in _TRITON_TYPES:
-        for shape, t in (("decode", DECODE_TILES), ("prefill", PREFILL_TILES)):
-            tiles = dict(BLOCK_T=t.tokens, BLOCK_R=t.rank)
-            yield f"shrink {shape}", dtype, _shrink_kernel, dict(tiles, BLOCK_H=t.hidden)
-            yield f"expand {shape}", dtype, _expand_kernel, dict(tiles, BLOCK_O=t.out)
-        for D in HEAD_TILES:
-            yield f"attention D<={D}", dtype, _paged_attention_kernel, _attention_tiles(1, D)
-
-
-def compile_for(kernel, dtype, constexprs, arch):
-    """Compile for sm_{arch} with Triton's own ptxas, no GPU needed; returns (registers, bytes
-    of local memory: spills, shared memory bytes). Arguments typed as the engine launches them:
-    the pool's dtype, float32 z and scales, int32 indices, sizes and strides."""
-    if _INTERPRETED:   # the interpreter replaces the kernels and changes how triton.language acts
-        raise RuntimeError("compiling for a GPU needs TRITON_INTERPRET unset")
-    types = {"z_ptr": "*fp32", "scales_ptr": "*fp32", "sm_scale": "fp32",
-             **{a: "*" + _TRITON_TYPES[dtype] for a in ("x_ptr", "pool_ptr", "out_ptr", "q_ptr")}}
-    signature = {a: types.get(a, "*i32" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
-    signature.update((a, "constexpr") for a in constexprs)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs),
-                              target=GPUTarget("cuda", arch, 32))
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], check=True,
-                               capture_output=True, text=True).stdout
-    found = dict(re.findall(r"\b(REG|LOCAL):(\d+)", usage))
-    return int(found["REG"]), int(found["LOCAL"]), compiled.metadata.shared
-
-
-def print_compiled(archs=(80, 90)):
-    print(f"{'variant':<18} {'dtype':<5}" + "".join(f" | sm_{a}: regs spill  smem" for a in archs))
-    for label, dtype, kernel, constexprs in kernel_variants():
-        cells = [compile_for(kernel, dtype, constexprs, arch) for arch in archs]
-        print(f"{label:<18} {_TRITON_TYPES[dtype]:<5}"
-              + "".join(f" | {r:>11d} {s:>5d} {m:>5d}" for r, s, m in cells))
-
-
 # ---------------------------------------------------------------- benchmark: python kernels.py
 @dataclass
 class BenchConfig:
@@ -667,15 +622,14 @@ def _random_step(cfg, device, dtype):
 def _seconds(fn, repeats, device):
     """Median wall time of `repeats` calls after a warm-up (which compiles Triton kernels)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
         sync()
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return sorted(times[1:])[repeats // 2]
 
 
 def copy_bandwidth(device="cpu", nbytes=256 << 20) -> float:
@@ -690,15 +644,14 @@ def benchmark(cfg: BenchConfig):
     name = cfg.dtype if cfg.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     x, pool_l, tables, slots, plan = _random_step(cfg, device, getattr(torch, name))
     H = cfg.hidden
-    A, Bt = (w[0] for w in pad_adapters(pool_l[None], *tables, H))
+    padded = lambda: [w[0] for w in pad_adapters(pool_l[None], *tables, H)]   # A, Bt of one layer
+    A, Bt = padded()
     W = torch.randn(H, H, device=device).to(x.dtype) / H ** 0.5
     variants = {"gathered from pages (lora_apply)": lambda: lora_apply(x, pool_l, plan, H),
-                "bmm, padding copy included": lambda: bmm_lora(
-                    x, *(w[0] for w in pad_adapters(pool_l[None], *tables, H)), slots),
+                "bmm, padding copy included": lambda: bmm_lora(x, *padded(), slots),
                 "bmm, weights already padded": lambda: bmm_lora(x, A, Bt, slots),
                 "base GEMM x W [N,H]x[H,H]": lambda: x @ W}
-    print(f"{cfg.shape}: N={cfg.tokens} H={H} adapters={cfg.adapters} ranks={cfg.ranks} {name} "
-          f"{device}")
+    print(f"{cfg.shape}: N={cfg.tokens} H={H} adapters={cfg.adapters} ranks={cfg.ranks} {name} {device}")
     want, sec = lora_apply(x, pool_l, plan, H).float(), {}
     for label, fn in variants.items():
         sec[label] = _seconds(fn, cfg.repeats, device)
@@ -717,6 +670,42 @@ def benchmark(cfg: BenchConfig):
               "  win here. The kernels are made for a GPU: no copy, no padded rank, one launch.")
 
 
+# ---------------------------------------------------------------- compiled for a GPU, no GPU needed
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def kernel_variants():
+    """Every launch the engine can make: (label, pool dtype, kernel, constexprs)."""
+    for dtype in _TRITON_TYPES:
+        for shape, t in (("decode", DECODE_TILES), ("prefill", PREFILL_TILES)):
+            yield f"shrink {shape}", dtype, _shrink_kernel, dict(BLOCK_T=t.tokens, BLOCK_R=t.rank,
+                                                                 BLOCK_H=t.hidden)
+            yield f"expand {shape}", dtype, _expand_kernel, dict(BLOCK_T=t.tokens, BLOCK_R=t.rank,
+                                                                 BLOCK_O=t.out)
+        for D in HEAD_TILES:
+            yield f"attention D<={D}", dtype, _paged_attention_kernel, _attention_tiles(1, D)
+
+
+def compile_for(kernel, dtype, constexprs, arch):
+    """(registers, local-memory bytes: spills, shared-memory bytes) of the kernel compiled for
+    sm_{arch} by Triton's own ptxas (no GPU needed), typed as the engine launches it."""
+    if _INTERPRETED:   # the interpreter replaces the kernels and changes how triton.language acts
+        raise RuntimeError("compiling for a GPU needs TRITON_INTERPRET unset")
+    types = {"z_ptr": "*fp32", "scales_ptr": "*fp32", "sm_scale": "fp32",
+             **{a: "*" + _TRITON_TYPES[dtype] for a in ("x_ptr", "pool_ptr", "out_ptr", "q_ptr")}}
+    signature = {a: types.get(a, "*i32" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
+    signature.update((a, "constexpr") for a in constexprs)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], check=True,
+                               capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|LOCAL):(\d+)", usage))
+    return int(found["REG"]), int(found["LOCAL"]), compiled.metadata.shared
+
+
 if __name__ == "__main__":
     cfg, = cli.parse([BenchConfig], "Time S-LoRA's gathered LoRA against the padded-bmm baseline.")
     if cfg.shape not in ("decode", "prefill"):
@@ -725,7 +714,10 @@ if __name__ == "__main__":
         cfg.hidden, cfg.tokens, cfg.adapters = 1024, 64, 20
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if cfg.compile:
-        print_compiled()
-    else:
+    if not cfg.compile:
         benchmark(cfg)
+    for label, dtype, kernel, constexprs in kernel_variants() if cfg.compile else ():
+        cells = [compile_for(kernel, dtype, constexprs, arch) for arch in (80, 90)]
+        print(f"{label:<18} {_TRITON_TYPES[dtype]:<5}"
+              + "".join(f" | sm_{a}: regs {r:>3d} spill {s:>3d} smem {m:>6d}"
+                        for a, (r, s, m) in zip((80, 90), cells)))

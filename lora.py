@@ -14,7 +14,9 @@ Merging (section 4.2): W = W0 + (alpha/r) B A is a plain linear layer with no ad
 is impossible when one batch mixes requests for different adapters (one W serves one adapter:
 S-LoRA's problem) and while training (A and B must stay separate to get their gradients).
 Files: Hugging Face PEFT's (adapter_config.json, adapter_model.safetensors, keys from `peft_key`),
-shared with PEFT and vLLM. Only safetensors is read: nothing is ever unpickled.
+shared with PEFT and vLLM. Only safetensors is read: nothing is ever unpickled. target_modules may
+name modules ("q_proj"), path suffixes ("self_attn.q_proj"), full paths listing every layer, or
+be "all-linear" (every projection, not lm_head).
 Simplified: no bias training, no DoRA, no modules_to_save; a file asking for them is refused.
 Demo: `python lora.py` trains a small layer: step 0 equals the base model, merged equals unmerged.
 Letters: N rows (tokens), I input features, O output features, r rank.
@@ -35,10 +37,8 @@ TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.(lora_A|lora_B)\.weight")
-CONFIG_RULES = {"r": "an integer >= 1", "alpha": "a finite number", "dropout": "a number in [0, 1)",
-                "use_rslora": "true or false"}
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")      # the layer index in a full module path
 FILE_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}     # LoRAConfig -> adapter_config.json
-DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"    # base_model_name_or_path in adapter files
 
 
 def peft_key(layer: int, module: str, which: str) -> str:
@@ -62,13 +62,13 @@ class LoRAConfig:
 
     def __post_init__(self):        # True is an int in Python, and JSON reads NaN and Infinity
         real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-        ok = {"r": real(self.r) and isinstance(self.r, numbers.Integral) and self.r >= 1,
-              "alpha": real(self.alpha),
-              "dropout": real(self.dropout) and 0 <= self.dropout < 1,
-              "use_rslora": isinstance(self.use_rslora, bool)}
-        for name, good in ok.items():
+        for name, good, want in (
+                ("r", real(self.r) and isinstance(self.r, numbers.Integral) and self.r >= 1,
+                 "an integer >= 1"), ("alpha", real(self.alpha), "a finite number"),
+                ("dropout", real(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
+                ("use_rslora", isinstance(self.use_rslora, bool), "true or false")):
             if not good:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be {CONFIG_RULES[name]}")
+                raise ValueError(f"{name}={getattr(self, name)!r} must be {want}")
 
     @property
     def scale(self) -> float:
@@ -151,7 +151,8 @@ def _site_key(name: str, which: str) -> str:
     return peft_key(int(name.split(".")[2]), name.rsplit(".", 1)[-1], which)
 
 
-def save_adapter(model, path, cfg: LoRAConfig, base_model_name=DEFAULT_BASE):
+def save_adapter(model, path, cfg: LoRAConfig, base_model_name=None):
+    """PEFT files; base_model_name: the checkpoint the adapter was trained on (model.config.name)."""
     os.makedirs(path, exist_ok=True)
     tensors = {_site_key(name, which): getattr(m, which).weight.detach().float().contiguous()
                for name, m in lora_layers(model).items() for which in ("lora_A", "lora_B")}
@@ -178,15 +179,35 @@ def config_from_json(c, where) -> LoRAConfig:
     for key, want in ONLY.items():
         if c.get(key, want) not in (want, None if want == {} else want):
             raise AdapterError(f"{where}: {key}={c[key]!r} is not supported here (only {want!r})")
-    targets = c.get("target_modules")
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise AdapterError(f"{where}: target_modules={targets!r} must be a non-empty list of names")
+    targets = module_names(c.get("target_modules"), where)
     try:
-        return LoRAConfig(r=c.get("r"), alpha=c.get("lora_alpha", c.get("r")), targets=tuple(targets),
+        return LoRAConfig(r=c.get("r"), alpha=c.get("lora_alpha", c.get("r")), targets=targets,
                           dropout=c.get("lora_dropout", 0.0), use_rslora=c.get("use_rslora", False))
     except ValueError as e:                      # named as in the file: alpha -> lora_alpha
         field = str(e).split("=")[0]
         raise AdapterError(f"{where}: {FILE_NAMES.get(field, field)}{str(e)[len(field):]}") from None
+
+
+def module_names(targets, where) -> tuple:
+    """PEFT's target_modules -> module names: "all-linear" is every projection; "self_attn.q_proj"
+    and "model.layers.0.self_attn.q_proj" are q_proj, full paths only if they list every layer."""
+    if targets == "all-linear":
+        return tuple(TARGET_NAMES.values())
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"{where}: target_modules={targets!r} must be a non-empty list of "
+                           "module names, or \"all-linear\"")
+    layers = {}                                  # module name -> the layers listed, None: all
+    for t in targets:
+        name, at = t.rsplit(".", 1)[-1], LAYER.search(t)
+        if at is None or (name in layers and layers[name] is None):
+            layers[name] = None
+        else:
+            layers.setdefault(name, set()).add(int(at[1]))
+    for name, listed in layers.items():
+        if listed is not None and listed != set(range(max(listed) + 1)):
+            raise AdapterError(f"{where}: target_modules names {name} in layers {sorted(listed)} "
+                               "only: an adapter on some layers is not supported here")
+    return tuple(layers)
 
 
 def check_tensors(tensors: dict, cfg: LoRAConfig, where):
@@ -243,6 +264,7 @@ def load_adapter(model, path) -> LoRAConfig:
     absent = set(cfg.targets) - {n.rsplit(".", 1)[-1] for n in sites}
     if absent:
         raise AdapterError(f"{path}: target_modules {sorted(absent)} do not exist in this model")
+    check_every_layer(tensors, sites, path)
     expected = {_site_key(n, which) for n in sites for which in ("lora_A", "lora_B")}
     if set(tensors) != expected:
         lacks, missing = sorted(set(tensors) - expected)[:2], sorted(expected - set(tensors))[:2]
@@ -259,6 +281,21 @@ def load_adapter(model, path) -> LoRAConfig:
             m.lora_A.weight.copy_(tensors[_site_key(name, "lora_A")])
             m.lora_B.weight.copy_(tensors[_site_key(name, "lora_B")])
     return cfg
+
+
+def check_every_layer(tensors: dict, sites: dict, path):
+    """AdapterError naming a module the adapter holds in some of the model's layers only."""
+    held, layers = {}, {}                                  # module -> layer indices
+    for key in tensors:
+        site = KEY.fullmatch(key)
+        held.setdefault(site[2], set()).add(int(site[1]))
+    for name in sites:
+        layers.setdefault(name.rsplit(".", 1)[-1], set()).add(int(name.split(".")[2]))
+    for module, have in held.items():
+        if have < layers.get(module, set()):
+            raise AdapterError(f"{path}: {module} is adapted in layers {sorted(have)} of the "
+                               f"model's {len(layers[module])}: an adapter on some layers only "
+                               "is not supported here")
 
 
 def demo(steps=150):

@@ -225,7 +225,7 @@ class KVCache:
 
 @dataclass
 class Batch:
-    """One serving step, built by serve.py: the tokens of R requests concatenated (N in all)."""
+    """One serving step, built by engine.py: the tokens of R requests concatenated (N in all)."""
     tokens: torch.Tensor       # [N] token ids
     positions: torch.Tensor    # [N] position of each token in its request
     seq_ids: torch.Tensor      # [N] row of block_table that each token belongs to

@@ -1,6 +1,10 @@
-"""S-LoRA's experiment: one trace replayed over the serving engines (Sheng et al. 2023, section 7).
+"""What users run: S-LoRA behind an HTTP API, and S-LoRA's experiment (Sheng et al. 2023, sec. 7).
 
-The engines (engine.py) compared on the same trace:
+`python serve.py --port 8000` serves the base model and every `--adapter NAME=PATH` through the
+OpenAI-compatible API of server.py (the request's `model` names the adapter) until Ctrl-C.
+Without --port it replays one trace over the serving engines and prints the comparison.
+
+The engines (engine.py, baselines.py) compared on the same trace:
     slora       unified pool + gathered kernels (MBGMM for steps with prompts, MBGMV for decode)
     no-unified  memory split statically, each adapter copied into its own tensors when needed
     bmm         adapters in the pool, copied every step into padded tensors for torch.bmm
@@ -13,11 +17,12 @@ variation cv, adapter popularity drawn from numpy's power distribution with expo
 Synthetic adapters are random rank-r adapters on q, k, v, o; real PEFT adapters join with
 `--adapter name=path`. `--tp N` runs slora and base over N processes (tp.py).
 Simplified: arrivals are replayed on the wall clock of one process; random base weights unless
-`--base` names a checkpoint.
-Demo: `python serve.py --adapters 20 --duration 3 --layers 4`.
+`--base` names a checkpoint (the server's default is the real SmolLM2).
+Demo: `python serve.py --adapters 20 --duration 3 --layers 4`; `python serve.py --port 8000`.
 Letters: L layers, H model dim.
 """
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
@@ -27,9 +32,12 @@ import torch
 
 import cli
 import kernels
+import server
 import tp
-from checkpoints import load_model
-from engine import ENGINES, Engine, EngineConfig
+from baselines import ENGINES
+from checkpoints import default_model_path, load_model
+from lora import AdapterError
+from engine import Engine, EngineConfig
 from model import Llama, ModelConfig
 from paging import HostAdapter, target_widths
 from scheduler import State
@@ -55,12 +63,19 @@ class BenchConfig:
     modes: str = cli.flag(",".join(MODES), "modes to compare, comma separated")
     slo: float = cli.flag(5.0, "first-token SLO (s) for attainment (--ttft-slo also aborts)")
     base: Optional[str] = cli.flag(None, "GGUF file or HF directory (default: random weights of "
-                                         "SmolLM2's shape)", str)
+                                         "SmolLM2's shape; with --port the real SmolLM2)", str)
     layers: int = cli.flag(30, "layers of the random base model")
     threads: int = cli.flag(1, "torch CPU threads (1 is steadiest; with --tp: cores / tp each)")
     adapter: List[str] = cli.flag([], "name=path of a PEFT adapter to serve (repeatable)")
     tp: int = cli.flag(1, "tensor parallelism over this many processes (S-LoRA section 6, tp.py): "
                           "gloo on a CPU, NCCL on GPUs; rank 0 prints")
+
+
+@dataclass
+class ServerConfig:
+    port: Optional[int] = cli.flag(None, "serve the OpenAI-compatible HTTP API on this port "
+                                         "(server.py) instead of running the benchmark", int)
+    host: str = cli.flag("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
 
 
 # ------------------------------------------------------------------ traces and synthetic adapters
@@ -233,10 +248,40 @@ def _benchmark_on_device(comm: tp.Comm, modes: List[str], b: BenchConfig, t: Tra
         report(rows, model)
 
 
+# ------------------------------------------------------------------ the HTTP server
+
+def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig):
+    """Load the base model and the adapters, serve them over HTTP until Ctrl-C, then stop
+    cleanly: running requests get a few seconds to finish, the others end with the reason."""
+    torch.set_num_threads(b.threads)
+    path = b.base or default_model_path()
+    model, tok = load_model(path)
+    base_id = os.path.basename(os.path.normpath(path)).split(".")[0]  # SmolLM2-135M-Instruct
+    engine = Engine(model, tok.eos_id, **asdict(e))
+    try:
+        for name, adapter_path in (kv.split("=", 1) for kv in b.adapter):
+            engine.add_adapter(name, adapter_path)
+        httpd = server.start_server(engine, tok, base_id, s.host, s.port)
+    except (AdapterError, OSError, ValueError) as err:
+        raise SystemExit(f"serve.py: {err}")
+    print(f"serving at http://{s.host}:{httpd.server_address[1]}/v1 (Ctrl-C stops): base model "
+          f"{base_id!r}, adapters {engine.adapter_names()}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down: running requests get 5 s to finish", flush=True)
+        server.stop_server(httpd, grace_s=5.0)
+
+
 if __name__ == "__main__":
     try:
-        trace_cfg, bench_cfg, engine_cfg = cli.parse(
-            [TraceConfig, BenchConfig, EngineConfig], "Replay an S-LoRA trace over serving modes.")
+        trace_cfg, bench_cfg, engine_cfg, server_cfg = cli.parse(
+            [TraceConfig, BenchConfig, EngineConfig, ServerConfig],
+            "Serve LoRA adapters over HTTP (--port), or replay an S-LoRA trace over serving modes.")
     except ValueError as e:   # a config that checks itself (EngineConfig) refused a flag
         raise SystemExit(f"serve.py: {e}")
-    benchmark(bench_cfg, trace_cfg, engine_cfg)
+    if server_cfg.port is not None:
+        serve_http(server_cfg, bench_cfg, engine_cfg)
+    else:
+        benchmark(bench_cfg, trace_cfg, engine_cfg)

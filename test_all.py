@@ -34,9 +34,12 @@ import e2e  # noqa: E402
 import model as M  # noqa: E402
 import paging  # noqa: E402
 import engine as E  # noqa: E402
+import baselines as B  # noqa: E402
 import serve  # noqa: E402
 import tp  # noqa: E402
 import train  # noqa: E402
+import decode  # noqa: E402
+import sft_data  # noqa: E402
 from lora import AdapterError, LoRAConfig, read_adapter  # noqa: E402
 from lora import load_adapter, lora_layers  # noqa: E402
 from tokenizer import ByteTokenizer  # noqa: E402
@@ -207,6 +210,47 @@ def test_bad_adapter_is_refused_and_changes_nothing(tmp_path, case):
     assert not lora.lora_layers(m)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
     lora.load_adapter(m, good)                                    # the good one still loads
+
+
+@pytest.mark.parametrize("targets", [["self_attn.q_proj"], ["model.layers.0.self_attn.q_proj",
+                                     "model.layers.1.self_attn.q_proj"], "all-linear"])
+def test_peft_target_modules_as_path_suffixes_full_paths_or_all_linear_load(tmp_path, targets):
+    torch.manual_seed(0)
+    m = tiny_llama()
+    lora.add_lora(m, LoRAConfig(r=2, alpha=4, targets=tuple(lora.TARGET_NAMES.values())))
+    randomize_lora(m)
+    lora.save_adapter(m, tmp_path, LoRAConfig(r=2, alpha=4, targets=("q_proj",)))
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    if targets != "all-linear":             # the file holds q_proj only, as PEFT would write it
+        tensors = {k: v for k, v in tensors.items() if ".q_proj." in k}
+    _write_adapter(tmp_path / "ad", {"target_modules": targets}, tensors)
+    fresh = tiny_llama()
+    cfg = lora.load_adapter(fresh, tmp_path / "ad")
+    want = set(lora.TARGET_NAMES.values()) if targets == "all-linear" else {"q_proj"}
+    assert set(cfg.targets) == want == {n.rsplit(".", 1)[-1] for n in lora_layers(fresh)}
+    for name, layer in lora_layers(fresh).items():
+        assert torch.equal(layer.lora_B.weight, lora_layers(m)[name].lora_B.weight), name
+
+
+def test_adapter_on_some_layers_only_is_refused_by_name(tmp_path):
+    one = {k: v for k, v in load_file(_write_adapter(tmp_path / "good") / "adapter_model.safetensors").items()
+           if ".layers.0." in k}
+    _write_adapter(tmp_path / "paths", {"target_modules": ["model.layers.1.self_attn.q_proj"]}, one)
+    with pytest.raises(AdapterError, match=r"q_proj in layers \[1\] only"):
+        lora.read_adapter(tmp_path / "paths")
+    _write_adapter(tmp_path / "first", {"target_modules": ["model.layers.0.self_attn.q_proj"]}, one)
+    with pytest.raises(AdapterError, match=r"q_proj is adapted in layers \[0\] of the model's 2"):
+        lora.load_adapter(tiny_llama(), tmp_path / "first")
+    _write_adapter(tmp_path / "regex", {"target_modules": ".*q_proj"}, one)
+    with pytest.raises(AdapterError, match="all-linear"):
+        lora.read_adapter(tmp_path / "regex")
+
+
+def test_saved_adapter_records_the_base_model_name(tmp_path):
+    m = tiny_llama()
+    lora.add_lora(m, LoRAConfig(r=2, targets=("q_proj",)))
+    lora.save_adapter(m, tmp_path, LoRAConfig(r=2, targets=("q_proj",)), "my-org/my-model")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-org/my-model"
 
 
 def test_unreadable_adapter_files(tmp_path):
@@ -600,7 +644,7 @@ def tiny_setup(seed=0):
 
 
 def fixed_batch_loss(net, examples):
-    tokens, mask, _ = next(train.batches(examples, len(examples), random.Random(0)))
+    tokens, mask, _ = next(sft_data.batches(examples, len(examples), random.Random(0)))
     net.eval()
     with torch.no_grad():
         return train.lm_loss(net, tokens, mask, 0.0).item()
@@ -651,7 +695,7 @@ def test_loss_mask_covers_exactly_the_reference_and_end_token():
     ids, is_target = train.encode_example(tok, "name[A]", "A.", 64)
     assert ids == list(b"name[A]\n A.") + [tok.eos_id]
     assert is_target == [False] * len("name[A]\n") + [True] * len(" A.") + [True]
-    tokens, mask, n_real = next(train.batches([(ids, is_target)], 1, random.Random(0)))
+    tokens, mask, n_real = next(sft_data.batches([(ids, is_target)], 1, random.Random(0)))
     assert tokens[0, 1:][mask[0]].tolist() == list(b" A.") + [tok.eos_id] and n_real == len(ids)
 
 
@@ -663,10 +707,10 @@ def test_real_test_split_counts():
 
 def test_prompt_completion_record_learns_the_completion_and_end_token_only():
     tok = ByteTokenizer()
-    ids, is_target = train.encode_record(tok, {"prompt": "Q: 2+2?\n", "completion": "A: 4"}, 64)
+    ids, is_target = sft_data.encode_record(tok, {"prompt": "Q: 2+2?\n", "completion": "A: 4"}, 64)
     assert ids == list(b"Q: 2+2?\nA: 4") + [tok.eos_id]
     assert [t for t, learn in zip(ids, is_target) if learn] == list(b"A: 4") + [tok.eos_id]
-    ids, is_target = train.encode_record(tok, {"prompt": "Q: 2+2?\n", "completion": "A: 4"}, 10)
+    ids, is_target = sft_data.encode_record(tok, {"prompt": "Q: 2+2?\n", "completion": "A: 4"}, 10)
     assert len(ids) == len(is_target) == 10                         # cut to --seq-len
 
 
@@ -675,7 +719,7 @@ def test_chat_record_is_chatml_and_learns_the_assistant_turns_only():
     rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
                         {"role": "assistant", "content": "Bye."}]}
-    ids, is_target = train.encode_record(tok, rec, 512)
+    ids, is_target = sft_data.encode_record(tok, rec, 512)
     assert tok.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                                "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
                                "<|im_start|>assistant\nBye.<|im_end|>\n")
@@ -689,7 +733,7 @@ def test_malformed_records_are_listed_with_file_line_and_reason_before_any_model
              '{"messages": [{"role": "user", "content": "hi"}]}', '{"messages": [{"role": "bot", "content": "x"}]}',
              '{"prompt": "a", "completion": ""}', '{"prompt": "a", "completion": "b", "messages": []}']
     path.write_bytes("\n".join(lines).encode() + b'\n{"prompt": "caf\xe9", "completion": "b"}\n')
-    with pytest.raises(e2e.DataError) as refused:
+    with pytest.raises(sft_data.RecordError) as refused:
         train.main(train.TrainConfig(data=str(path), out=str(tmp_path / "out")), log=lambda s: None)
     message = str(refused.value)
     assert message.startswith("8 malformed records")
@@ -718,9 +762,9 @@ def test_lora_training_lowers_loss_changes_only_lora_and_reloads(tmp_path):
     fresh = copy.deepcopy(base)
     load_adapter(fresh, tmp_path)
     fresh.eval()
-    mrs = [mr for mr, _ in PAIRS[2:]]
+    prompts = [f"{mr}\n" for mr, _ in PAIRS[2:]]
     cfg_eval = train.TrainConfig(max_new_tokens=12, eval_batch=2)
-    assert train.generate_outputs(fresh, tok, mrs, cfg_eval) == train.generate_outputs(net, tok, mrs, cfg_eval)
+    assert decode.generate_outputs(fresh, tok, prompts, cfg_eval) == decode.generate_outputs(net, tok, prompts, cfg_eval)
     tokens = torch.tensor([examples[0][0]])
     assert torch.allclose(fresh(tokens), net(tokens), atol=1e-5)
 
@@ -734,10 +778,13 @@ def test_full_method_trains_every_weight():
 
 def test_run_one_writes_checkpoint_predictions_and_row(tmp_path):
     base, tok, examples = tiny_setup()
+    base.config.name = "tiny-llama"                     # a checkpoint's HF folder or general.name
     groups = e2e.group_refs(PAIRS)
     cfg = train.TrainConfig(steps=2, batch_size=2, max_new_tokens=8, log_every=1)
     row = train.run_one(base, tok, examples, groups, cfg, str(tmp_path), log=lambda s: None)
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "tiny-llama"
     assert len((tmp_path / "predictions.txt").read_text().split("\n")) == len(groups) + 1
     # q: A [4, 48] + B [48, 4]; v: A [4, 48] + B [16, 4] (kv_dim 16), in 2 layers
     assert row["trainable"] == 2 * (4 * 48 + 48 * 4 + 4 * 48 + 16 * 4) and row["checkpoint_mb"] > 0
@@ -749,11 +796,11 @@ def test_beam_of_one_is_greedy_and_ngram_ban():
     prompt = tok.encode("name[Aromi]\n")
     cfg = train.TrainConfig(beam=1, no_repeat_ngram=0, max_new_tokens=10)
     greedy = base.generate([prompt], 10, eos_id=tok.eos_id)[0]
-    assert train.beam_search(base, [prompt], cfg, tok.eos_id) == [[t for t in greedy if t != tok.eos_id]]
-    assert train.repeated_ngram_ban([1, 2, 3, 1, 2], 3) == {3}
-    assert train.repeated_ngram_ban([1, 2, 3], 3) == set()
+    assert decode.beam_search(base, [prompt], cfg, tok.eos_id) == [[t for t in greedy if t != tok.eos_id]]
+    assert decode.repeated_ngram_ban([1, 2, 3, 1, 2], 3) == {3}
+    assert decode.repeated_ngram_ban([1, 2, 3], 3) == set()
     cfg = train.TrainConfig(beam=3, no_repeat_ngram=2, max_new_tokens=12)
-    out, = train.beam_search(base, [prompt], cfg, tok.eos_id)
+    out, = decode.beam_search(base, [prompt], cfg, tok.eos_id)
     bigrams = list(zip(out, out[1:]))
     assert len(bigrams) == len(set(bigrams))
 
@@ -850,7 +897,7 @@ def test_bad_data_is_refused_with_file_and_line_before_any_model_work(tmp_path, 
 
 def test_batches_of_no_examples_fail_instead_of_spinning():
     with pytest.raises(ValueError, match="no training examples"):
-        next(train.batches([], 2, random.Random(0)))
+        next(sft_data.batches([], 2, random.Random(0)))
 
 
 def test_a_run_failing_in_evaluation_still_writes_results_and_adapter(tmp_path, monkeypatch):
@@ -882,10 +929,10 @@ def test_grad_accumulation_equals_one_big_batch():
     cfg = train.TrainConfig(dropout=0.0, label_smoothing=0.1)
     net, _ = train.prepare(copy.deepcopy(base), cfg)
     randomize_lora(net)                                  # B != 0, so that A gets a gradient too
-    loss_two, _ = train.accumulate(net, [train.collate(examples[:2]), train.collate(examples[2:])], cfg)
+    loss_two, _ = train.accumulate(net, [sft_data.collate(examples[:2]), sft_data.collate(examples[2:])], cfg)
     two = grads(net)
     net.zero_grad()
-    loss_one, _ = train.accumulate(net, [train.collate(examples)], cfg)
+    loss_one, _ = train.accumulate(net, [sft_data.collate(examples)], cfg)
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(two, grads(net)))
 
@@ -893,10 +940,10 @@ def test_grad_accumulation_equals_one_big_batch():
 def test_gradient_is_clipped_to_max_grad_norm():
     base, _, examples = tiny_setup()
     net, _ = train.prepare(copy.deepcopy(base), train.TrainConfig(dropout=0.0))
-    _, norm = train.accumulate(net, [train.collate(examples)], train.TrainConfig())    # no clipping
+    _, norm = train.accumulate(net, [sft_data.collate(examples)], train.TrainConfig())    # no clipping
     unclipped = torch.cat([g.flatten() for g in grads(net)]).norm().item()
     net.zero_grad()
-    _, again = train.accumulate(net, [train.collate(examples)], train.TrainConfig(max_grad_norm=0.01))
+    _, again = train.accumulate(net, [sft_data.collate(examples)], train.TrainConfig(max_grad_norm=0.01))
     assert norm == pytest.approx(unclipped, rel=1e-5) and again == pytest.approx(norm, rel=1e-5)
     assert torch.cat([g.flatten() for g in grads(net)]).norm().item() == pytest.approx(0.01, rel=1e-3)
 
@@ -957,8 +1004,8 @@ def test_batched_beam_search_equals_one_prompt_at_a_time():
     later = [t for out in greedy for t in out[2:]]
     eos = max(set(later), key=later.count)                                  # an end token that occurs,
     cfg = train.TrainConfig(beam=3, no_repeat_ngram=2, max_new_tokens=10)   # so prompts finish apart
-    together = train.beam_search(base, prompts, cfg, eos)
-    alone = [train.beam_search(base, [p], cfg, eos)[0] for p in prompts]
+    together = decode.beam_search(base, prompts, cfg, eos)
+    alone = [decode.beam_search(base, [p], cfg, eos)[0] for p in prompts]
     assert together == alone and len({len(out) for out in alone}) > 1
 
 
@@ -1797,10 +1844,10 @@ def mixed_requests(n=14, seed=1):
              names[i % 5], 3 + i % 6) for i in range(n)]
 
 
-@pytest.mark.parametrize("mode", E.ENGINES)
+@pytest.mark.parametrize("mode", B.ENGINES)
 def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, mode):
     base, root = served
-    engine = E.ENGINES[mode](base, None, pool_pages=400)
+    engine = B.ENGINES[mode](base, None, pool_pages=400)
     for name in ADAPTER_SPECS:
         engine.add_adapter(name, str(root / name))
     reqs, ids = mixed_requests(), []
@@ -2040,7 +2087,52 @@ def test_engine_options_are_checked_at_construction(served, options, problem):
 
 def test_an_unknown_engine_mode_is_named():
     with pytest.raises(ValueError, match="unknown engine mode 'fast'; choose from .*no-unified"):
-        E.make_engine("fast", tiny_llama())
+        B.make_engine("fast", tiny_llama())
+
+
+def run_engine(engine):
+    while engine.step() or engine.pending():
+        pass
+
+
+def test_seeded_sampling_is_each_requests_own_and_stop_ids_end_requests(served):
+    base, root = served
+    merged = copy.deepcopy(base)
+    lora.load_adapter(merged, root / "b")
+    lora.merge_lora(merged)
+    params, prompt = M.SamplingParams(temperature=1.3, top_p=0.9, top_k=40, seed=3), [5, 6, 7]
+    gen, want = torch.Generator().manual_seed(3), []      # the draws, token by token, from dense logits
+    for _ in range(8):
+        with torch.no_grad():
+            logits = merged(torch.tensor([prompt + want]))[0, -1]
+        want.append(M.sample_one(logits, params, gen))
+    engine = E.Engine(base, None, pool_pages=400)
+    for name in ADAPTER_SPECS:
+        engine.add_adapter(name, str(root / name))
+    greedy = merged_alone(base, root, [9, 9], "a", 6)
+    others = [engine.submit([1, 2, 3, 4], "c", 8, sampling=M.SamplingParams(0.8, seed=None)),
+              engine.submit([9, 9], "a", 6, temperature=0.0, stop_ids=[greedy[2]])]
+    rid = engine.submit(prompt, "b", 8, sampling=params)
+    run_engine(engine)
+    assert engine.result(rid) == want                    # whatever else shared the batch
+    assert engine.result(others[1]) == greedy[:greedy.index(greedy[2]) + 1]
+    assert engine.progress(others[1]) == (engine.result(others[1]), "finished", None)
+    metrics = {k: v for k, (_, v) in engine.metrics().items()}
+    assert metrics["requests_finished"] == 3 and metrics["requests_waiting"] == metrics["requests_running"] == 0
+    assert metrics["tokens_generated"] == 8 + 8 + len(engine.result(others[1]))
+    assert metrics["pages_kv"] == 0 and metrics["adapter_loads"] == metrics["adapters_resident"] == 3
+    assert metrics["pages_free"] + metrics["pages_adapter"] == 400 and metrics["adapters_registered"] == 4
+    bad = [engine.submit([1], None, 2, sampling=M.SamplingParams(top_p=0)),
+           engine.submit([1], None, 2, stop_ids=["x"]), engine.submit([1], None, 2, sampling=0.5)]
+    assert [engine.failure(i)[:15] for i in bad] == ["request 3: top_", "request 4: stop", "request 5: samp"]
+    assert engine.metrics()["requests_failed"][1] == 3 and engine.failure(rid) is None
+    engine.forget(rid)
+    assert rid not in engine.requests and rid not in engine.tokens
+    live = engine.submit([1, 2], None, 4)
+    with pytest.raises(ValueError, match="has not ended"):
+        engine.forget(live)
+    engine.cancel(live)
+    assert engine.metrics()["requests_aborted"][1] == 1 and engine.submit([1], None, 1) == live + 1
 
 
 def soak_adapters(cfg, n, rng, prefix="s"):
@@ -2289,3 +2381,281 @@ def test_shards_tile_the_weights_and_the_adapters():
         m = base_model()
         lora.add_lora(m, LoRAConfig(r=2))
         tp.shard_model(m, _NoComm(0, 2))
+
+
+# ------------------------------------------------------------------------------ HTTP server (server.py)
+
+import socket  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+import server  # noqa: E402
+
+HTTP_RANKS = {"r1": 1, "r2": 2, "r3": 3, "r4": 4, "r5": 5, "r6": 6, "r7": 7, "r8": 8}
+EOS = ByteTokenizer().eos_id
+
+
+@pytest.fixture(scope="module")
+def http_adapters(tmp_path_factory):
+    """A tiny model and eight PEFT adapters of ranks 1-8 on q, k, v, o, on disk."""
+    base = tiny_llama(seed=5)
+    specs = {name: (r, ("q_proj", "k_proj", "v_proj", "o_proj")) for name, r in HTTP_RANKS.items()}
+    return base, write_adapters(base, specs, tmp_path_factory.mktemp("http_adapters"))
+
+
+def new_engine(base, root, names=tuple(HTTP_RANKS), **options):
+    engine = E.Engine(base, eos_id=EOS, **{"pool_pages": 400, **options})
+    for name in names:
+        engine.add_adapter(name, str(root / name))
+    return engine
+
+
+def alone(engine, prompt, name, n):
+    """(text, finish_reason, completion tokens) of the greedy request alone on an engine."""
+    ids = engine.generate([prompt], [name], n)[0]
+    text = ByteTokenizer().decode([t for t in ids if t != EOS])
+    return text, "stop" if ids[-1] == EOS else "length", len(ids)
+
+
+@pytest.fixture
+def http(http_adapters):
+    """A running server on an ephemeral port of 127.0.0.1: (base url, server)."""
+    base, root = http_adapters
+    httpd = server.start_server(new_engine(base, root), ByteTokenizer(), "tiny", port=0)
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+    server.stop_server(httpd, grace_s=2.0)
+
+
+def call(url, path, body=None):
+    """(status, parsed JSON or text) of one HTTP request through urllib."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw, status, kind = r.read().decode(), r.status, r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        raw, status, kind = e.read().decode(), e.code, "application/json"
+    return status, json.loads(raw) if kind.startswith("application/json") else raw
+
+
+def stream(url, path, body):
+    """The data: events of a streamed response, parsed, up to [DONE]."""
+    req = urllib.request.Request(url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        for line in r:
+            line = line.decode().strip()
+            if line == "data: [DONE]":
+                return events
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    raise AssertionError("stream ended without [DONE]")
+
+
+def scrape(url):
+    """/metrics as {name: value}, every line of the Prometheus text format checked."""
+    status, text = call(url, "/metrics")
+    assert status == 200
+    values = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.split(" ")
+            values[name.removeprefix("slora_")] = float(value)
+    return values
+
+
+def test_health_models_and_metrics(http):
+    url, _ = http
+    assert call(url, "/health") == (200, {"status": "ok"})
+    status, models = call(url, "/v1/models")
+    ids = {m["id"]: m for m in models["data"]}
+    assert status == 200 and set(ids) == {"tiny", *HTTP_RANKS}
+    assert all(ids[n]["parent"] == "tiny" for n in HTTP_RANKS) and "parent" not in ids["tiny"]
+    assert call(url, "/v1/completions", {"model": "r2", "prompt": "hi", "max_tokens": 3})[0] == 200
+    m = scrape(url)
+    assert {"requests_waiting", "requests_running", "requests_finished", "requests_failed", "tokens_generated",
+            "pages_free", "pages_kv", "pages_adapter", "adapters_registered", "adapters_resident",
+            "adapter_loads", "adapter_evictions"} <= set(m)
+    assert m["requests_finished"] == 1 and m["adapters_registered"] == 8 and m["adapter_loads"] == 1
+    assert m["pages_kv"] == 0 and m["pages_free"] + m["pages_adapter"] == 400
+
+
+def test_32_concurrent_clients_each_equal_to_the_request_alone(http, http_adapters):
+    url, _ = http
+    base, root = http_adapters
+    g = torch.Generator().manual_seed(7)
+    names = [None, *HTTP_RANKS]
+    jobs = [(torch.randint(0, 256, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist(),
+             names[i % len(names)], 2 + i % 5) for i in range(32)]
+
+    def one(job):
+        prompt, name, n = job
+        return call(url, "/v1/completions", {"model": name or "tiny", "prompt": prompt, "max_tokens": n,
+                                             "temperature": 0})
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, jobs))
+    engines = {name: new_engine(base, root, [name] if name else []) for name in names}
+    for (prompt, name, n), (status, body) in zip(jobs, results):
+        text, finish, used = alone(engines[name], prompt, name, n)
+        assert status == 200, body
+        assert body["choices"][0]["text"] == text and body["choices"][0]["finish_reason"] == finish
+        assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": used,
+                                 "total_tokens": len(prompt) + used}
+
+
+def test_streamed_pieces_concatenate_to_the_non_streamed_text(http):
+    url, _ = http
+    body = {"model": "r3", "prompt": "héllo wörld", "max_tokens": 12, "temperature": 0}
+    whole = call(url, "/v1/completions", body)[1]["choices"][0]["text"]
+    events = stream(url, "/v1/completions", body)
+    pieces = [e["choices"][0]["text"] for e in events]
+    assert "".join(pieces) == whole and events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert all("\ufffd" not in p for p in pieces[:-1]) or "\ufffd" in whole
+    chat = {"model": "r5", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+    whole = call(url, "/v1/chat/completions", chat)[1]
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["role"] == "assistant"
+    events = stream(url, "/v1/chat/completions", chat)
+    assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"] == {"role": "assistant"}
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert text == whole["choices"][0]["message"]["content"]
+
+
+def test_chat_prompt_is_chatml_and_ends_at_im_end(http_adapters):
+    base, root = http_adapters
+    tok = ByteTokenizer()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    rendered = server.render_chat(messages, tok)
+    assert rendered == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    engine = new_engine(base, root, ["r4"])
+    ids = tok.encode(rendered, allow_special=True)
+    greedy = engine.generate([ids], ["r4"], 3)[0]
+    end = tok.special["<|im_end|>"]
+    loop = server.EngineLoop(engine, tok, "tiny")           # no thread: stepped here
+    prompt, stop_ids = loop.encode(rendered, chat=True)
+    assert prompt == ids and stop_ids == {EOS, end}
+    rid = engine.submit(ids, "r4", 3, stop_ids=[greedy[1]])   # as if token 2 were <|im_end|>
+    run_engine(engine)
+    assert engine.result(rid) == greedy[:greedy.index(greedy[1]) + 1]
+
+
+def test_stop_strings_and_seeded_sampling(http):
+    url, _ = http
+    body = {"model": "r2", "prompt": "abc", "max_tokens": 10, "temperature": 0}
+    text = call(url, "/v1/completions", body)[1]["choices"][0]["text"]
+    stop = text[3:5]
+    got = call(url, "/v1/completions", {**body, "stop": [stop]})[1]["choices"][0]
+    assert got["text"] == text[:text.find(stop)] and got["finish_reason"] == "stop"
+    seeded = {"model": "r4", "prompt": "xyz", "max_tokens": 8, "temperature": 1.5, "top_k": 50, "seed": 11}
+    first = call(url, "/v1/completions", seeded)[1]["choices"][0]["text"]
+    with ThreadPoolExecutor(4) as pool:   # the same seed in a different batch: the same text
+        others = list(pool.map(lambda b: call(url, "/v1/completions", b)[1]["choices"][0]["text"],
+                               [seeded, {**seeded, "seed": 12}, {**seeded, "model": "tiny"}, seeded]))
+    assert others[0] == others[3] == first
+
+
+HTTP_BAD_REQUESTS = [   # (path, body, status, words in the message)
+    ("/v1/completions", b"{not json", 400, "malformed JSON"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "n": 2}, 400, "n=2"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "frobnicate": 1}, 400, "frobnicate"),
+    ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "nope"),
+    ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": [1, 999]}, 400, "999"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 600}, 400, "max_seq_len"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2.5}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", [1, 2], 400, "JSON object"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages[0]"),
+    ("/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": "x"}, 400, "lora_name"),
+    ("/v1/unload_lora_adapter", {"lora_name": "nope"}, 404, "nope"),
+    ("/v1/nowhere", {}, 404, "no route"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", HTTP_BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(http, path, body, status, words):
+    url, _ = http
+    got_status, got = call(url, path, body)
+    assert got_status == status and words in got["error"]["message"], got
+    assert set(got["error"]) == {"message", "type", "code"}
+    assert call(url, "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 2})[0] == 200
+
+
+def test_load_use_replace_unload_adapter(http, http_adapters, tmp_path):
+    url, httpd = http
+    base, root = http_adapters
+    status, err = call(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": str(tmp_path)})
+    assert status == 400 and "adapter" in err["error"]["message"]          # an empty directory
+    assert call(url, "/v1/completions", {"model": "new", "prompt": "a"})[0] == 404
+    assert call(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": str(root / "r6")})[0] == 200
+    body = {"model": "new", "prompt": "hello", "max_tokens": 5, "temperature": 0}
+    want6 = alone(new_engine(base, root, ["r6"]), list(b"hello"), "r6", 5)[0]
+    assert call(url, "/v1/completions", body)[1]["choices"][0]["text"] == want6
+    assert call(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": str(root / "r7")})[0] == 200
+    want7 = alone(new_engine(base, root, ["r7"]), list(b"hello"), "r7", 5)[0]
+    assert want7 != want6 and call(url, "/v1/completions", body)[1]["choices"][0]["text"] == want7
+    status, done = call(url, "/v1/unload_lora_adapter", {"lora_name": "new"})
+    assert status == 200 and "freed" in done["note"]
+    assert call(url, "/v1/completions", body)[0] == 404
+    assert "new" not in {m["id"] for m in call(url, "/v1/models")[1]["data"]}
+
+
+def test_unload_while_streaming_is_deferred_and_the_stream_finishes(http):
+    url, httpd = http
+    body = json.dumps({"model": "r8", "prompt": "abc", "max_tokens": 300, "temperature": 0,
+                       "stream": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body)
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.readline().startswith(b"data: ")            # streaming has begun
+        status, done = call(url, "/v1/unload_lora_adapter", {"lora_name": "r8"})
+        assert status == 200 and done["note"].startswith("deferred: 1 running")
+        rest = r.read().decode()
+    assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
+    m = scrape(url)
+    assert m["pages_kv"] == 0 and m["adapters_registered"] == 7
+
+
+def wait_until(check, seconds=30):
+    deadline = time.time() + seconds
+    while not check() and time.time() < deadline:
+        time.sleep(0.05)
+    return check()
+
+
+def test_client_disconnect_mid_stream_cancels_and_returns_the_pages(http):
+    url, httpd = http
+    body = json.dumps({"model": "r8", "prompt": "abc", "max_tokens": 450, "stream": True}).encode()
+    s = socket.create_connection(httpd.server_address)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    got = b""
+    while b"data: " not in got:
+        got += s.recv(4096)                  # streaming has begun
+    s.close()
+    assert wait_until(lambda: scrape(url)["requests_aborted"] == 1)
+    m = scrape(url)
+    assert m["pages_kv"] == 0 and m["requests_running"] == m["requests_finished"] == 0 and not httpd.loop.live
+    assert m["tokens_generated"] < 450
+
+
+def test_shutdown_with_requests_in_flight_ends_each_with_a_reason(http_adapters):
+    base, root = http_adapters
+    httpd = server.start_server(new_engine(base, root), ByteTokenizer(), "tiny", port=0)
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(call, url, "/v1/completions", {"model": "r1", "prompt": "a", "max_tokens": 400})
+                   for _ in range(6)]
+        time.sleep(0.5)
+        server.stop_server(httpd, grace_s=0.2)
+        results = [f.result() for f in futures]
+    for status, body in results:   # each one answered: finished, or cancelled with the reason
+        assert status == 200 or (status == 503 and "shutting down" in body["error"]["message"]), body
+    assert any(status == 503 for status, _ in results)
+    assert httpd.loop.engine.pool.stats().kv == 0 and not httpd.loop.thread.is_alive()

@@ -9,23 +9,18 @@ SmolLM2-135M-Instruct on a CPU, with one change: the paper trains 5 epochs of 42
 steps) at lr 2e-4; the default here is 100 steps of 8 examples (a 2-core CPU's budget), where 2e-4
 learns too slowly (loss 3.9 against 3.2 with 1e-3 after 30 steps), so the default rate is 1e-3.
 
-E2E: the prompt is "{mr}\\n", the target " {ref}" + end token; outputs are scored with e2e.py.
-Your data (`--data FILE.jsonl`): {"prompt", "completion"} records, or {"messages": [{"role",
-"content"}]} rendered with the ChatML template "<|im_start|>{role}\\n{content}<|im_end|>\\n". The loss
-covers the target tokens only (the reference, the completion, each assistant turn). Malformed
-records are listed with file, line and reason before any model work.
+E2E: the prompt is "{mr}\\n", the target " {ref}" + end token, the loss on the target only; outputs
+are decoded by decode.py (greedy, or beam search with --beam) and scored with e2e.py. Your data
+(`--data FILE.jsonl`, prompt/completion or chat records): sft_data.py.
 Training: AdamW, linear warm-up then decay; --grad-accum micro-batches per step, --max-grad-norm,
 --val-fraction held out for a validation loss, --save-every / --resume (adapter, optimizer moments
 and RNG state in safetensors and JSON: nothing is unpickled).
-Decoding: greedy (Llama.generate), or beam search (--beam K) for many prompts at once: P prompts
-times K beams share one forward per step, the KV cache reordered by beam, with the paper's length
-penalty and no-repeat-ngram.
 Simplified: without trainset.csv the E2E dev split is the training set (said in the output and in
 results.json); --resume restores the CPU random state only; full fine-tuning cannot be resumed.
 Demo: `python train.py` (LoRA on E2E), `python train.py --method full`, `python train.py --adapter
 DIR` (score a saved adapter), `python train.py --data my.jsonl --val-fraction 0.1`, `python
 train.py --sweep --steps 15 --warmup 3 --eval-limit 40 --no-baseline`.
-Letters: B batch, T tokens per row, M target positions, V vocabulary, P prompts, K beams, R rows.
+Letters: B batch, T tokens per row, M target positions, V vocabulary.
 """
 import argparse
 import copy
@@ -44,16 +39,19 @@ from safetensors.torch import load_file, save_file
 
 import cli
 from checkpoints import Tokenizer, load_model, save_hf
+from decode import DecodeConfig, generate_outputs
 from e2e import DataError, e2e_metrics, ensure_data, group_refs, read_e2e
 from lora import (TARGET_NAMES, AdapterError, LoRAConfig, add_lora, count_parameters,
                   load_adapter, mark_only_lora_trainable, read_adapter, save_adapter)
-from model import KVCache
+from sft_data import (RecordError, batches, collate, encode_records, read_records,
+                      split_validation)
 
 flag = cli.flag
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DecodeConfig):
+    """Training and evaluation flags; the decoding flags (--beam, ...) come from DecodeConfig."""
     task: str = flag("e2e", "experiment: e2e, the LoRA paper's E2E NLG (Table 3); or --data")
     data: Optional[str] = flag(None, "train on this JSONL file instead of E2E", str)
     e2e_dir: Optional[str] = flag(None, "folder of the E2E CSV files (default $E2E_DATA, else "
@@ -84,11 +82,6 @@ class TrainConfig:
     save_every: int = flag(0, "write a checkpoint-N folder every N steps (0: never)")
     resume: Optional[str] = flag(None, "continue the run saved in this checkpoint folder", str)
     eval_limit: Optional[int] = flag(None, "score the first N test MRs only (default all 630)", int)
-    eval_batch: int = flag(48, "prompts per decoding call (times --beam rows)")
-    max_new_tokens: int = flag(64, "longest output in tokens")
-    beam: int = flag(1, "beam size (1: greedy decoding)")
-    length_penalty: float = flag(0.9, "beam search ranks by log p / length^penalty")
-    no_repeat_ngram: int = flag(4, "beam search never repeats an n-gram of this length (0: off)")
     adapter: Optional[str] = flag(None, "score this saved PEFT adapter instead of training", str)
     no_baseline: bool = flag(False, "do not score the base model without adapter")
     baseline_limit: int = flag(100, "score the base model on the first N evaluated MRs only (its "
@@ -180,125 +173,6 @@ def encode_example(tok, mr, ref, seq_len) -> tuple:
     return prompt + target, [False] * len(prompt) + [True] * len(target)
 
 
-ROLES = ("system", "user", "assistant")
-
-
-def record_problem(rec) -> Optional[str]:
-    """Why a parsed JSONL record cannot be trained on, or None."""
-    if not isinstance(rec, dict):
-        return f"expected a JSON object, got {type(rec).__name__}"
-    if ("messages" in rec) == ("prompt" in rec or "completion" in rec):
-        return 'expected "prompt" and "completion", or "messages"'
-    if "messages" not in rec:
-        if not (isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str)):
-            return '"prompt" and "completion" must both be strings'
-        return None if rec["completion"] else '"completion" is empty'
-    messages = rec["messages"]
-    if not isinstance(messages, list) or not messages:
-        return '"messages" must be a non-empty list'
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            return f'message {i}: expected {{"role": {"|".join(ROLES)}, "content": a string}}'
-    return None if any(m["role"] == "assistant" for m in messages) else 'no "assistant" message'
-
-
-def read_records(path) -> list:
-    """[(line number, record)] of a JSONL file (blank lines skipped); DataError listing each
-    malformed line with its reason."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-    except OSError as e:
-        raise DataError(f"--data {path}: cannot read it ({e.strerror})") from None
-    records, problems = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line.decode("utf-8"))
-            problem = record_problem(rec)
-        except UnicodeDecodeError:
-            problem = "not UTF-8"
-        except json.JSONDecodeError as e:
-            problem = f"not JSON ({e.msg})"
-        if problem:
-            problems.append(f"{path}, line {n}: {problem}")
-        records.append((n, rec))
-    if problems:
-        more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError(f"{len(problems)} malformed records:\n" + "\n".join(problems[:10]) + more)
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
-
-
-def encode_record(tok, rec, seq_len) -> tuple:
-    """(token ids, is_target per token), cut to seq_len: prompt + completion + end token, or each
-    message as <|im_start|>{role}\\n{content}<|im_end|>\\n, targets the assistant's content + <|im_end|>."""
-    if "messages" not in rec:
-        pieces = [(tok.encode(rec["prompt"]), False), (tok.encode(rec["completion"]) + [tok.eos_id], True)]
-    else:
-        missing = [s for s in ("<|im_start|>", "<|im_end|>") if s not in tok.special]
-        if missing:
-            raise DataError(f"the tokenizer has no {missing[0]} token: use prompt/completion records")
-        start, end, newline = tok.special["<|im_start|>"], tok.special["<|im_end|>"], tok.encode("\n")
-        pieces = [piece for m in rec["messages"] for piece in (
-            ([start] + tok.encode(f"{m['role']}\n"), False),
-            (tok.encode(m["content"]) + [end], m["role"] == "assistant"), (newline, False))]
-    ids = [t for part, _ in pieces for t in part]
-    return ids[:seq_len], [learn for part, learn in pieces for _ in part][:seq_len]
-
-
-def encode_records(tok, records, path, seq_len) -> list:
-    examples = [encode_record(tok, rec, seq_len) for _, rec in records]
-    empty = [n for (n, _), (_, is_target) in zip(records, examples) if not any(is_target[1:])]
-    if empty:
-        raise DataError(f"{path}, lines {empty[:10]}: no target token within --seq-len {seq_len}")
-    return examples
-
-
-def split_validation(examples, fraction, seed) -> tuple:
-    """(training, validation) examples: a seeded random `fraction` held out (at least one)."""
-    if not fraction:
-        return examples, []
-    order = random.Random(seed).sample(range(len(examples)), len(examples))
-    n_val = max(1, round(fraction * len(examples)))
-    if n_val >= len(examples):
-        raise DataError(f"--val-fraction {fraction} of {len(examples)} examples leaves none to train on")
-    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
-
-
-def collate(examples) -> tuple:
-    """(tokens [B, T], loss mask [B, T-1], tokens that are not padding); mask[b, t]: position t
-    predicts a target token."""
-    T = max(len(ids) for ids, _ in examples)
-    tokens = torch.zeros(len(examples), T, dtype=torch.long)
-    mask = torch.zeros(len(examples), T - 1, dtype=torch.bool)
-    for row, (ids, is_target) in enumerate(examples):
-        tokens[row, :len(ids)] = torch.tensor(ids)
-        mask[row, :len(ids) - 1] = torch.tensor(is_target[1:], dtype=torch.bool)
-    return tokens, mask, sum(len(ids) for ids, _ in examples)
-
-
-def batches(examples, batch_size, rng, skip=0):
-    """Endless collated batches; each pool of 32 batches is sorted by length so a batch pads
-    little. The first `skip` batches are passed over without being built (a resumed run)."""
-    if not examples:
-        raise ValueError("no training examples")
-    done = 0
-    while True:
-        order = rng.sample(range(len(examples)), len(examples))
-        pool_size = batch_size * 32
-        for p in range(0, len(order), pool_size):
-            pool = sorted(order[p:p + pool_size], key=lambda i: len(examples[i][0]))
-            chunks = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
-            rng.shuffle(chunks)
-            for chunk in chunks:
-                done += 1
-                if done > skip:
-                    yield collate([examples[i] for i in chunk])
-
-
 # ------------------------------------------------------------------------------------ training
 
 def prepare(net, cfg: TrainConfig):
@@ -365,7 +239,7 @@ def save_checkpoint(net, lcfg, opt, history, cfg: TrainConfig, out_dir) -> str:
     step, config and losses so far (trainer_state.json): everything --resume needs."""
     step = len(history["losses"])
     path = os.path.join(out_dir, f"checkpoint-{step}")
-    save_adapter(net, path, lcfg)
+    save_adapter(net, path, lcfg, net.config.name)
     state = {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
     save_file({**state, "torch_rng": torch.get_rng_state()}, os.path.join(path, "optimizer.safetensors"))
     write_json({"config": asdict(cfg), **history}, os.path.join(path, "trainer_state.json"))
@@ -426,146 +300,12 @@ def progress(step, losses, norm, opt, n_tokens, elapsed, first, cfg: TrainConfig
             f"{elapsed / 60:.1f} min  remaining {elapsed / done * (cfg.steps - step) / 60:.1f} min")
 
 
-# ------------------------------------------------------------------------------------ decoding
-
-def clean_output(tok, ids) -> str:
-    """Decoded text up to the end token, first non-empty line only (a reference is one line; the
-    base model, which never learnt the format, starts its answers with a line break)."""
-    ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
-    return tok.decode(ids).strip().split("\n")[0].strip()
-
-
-@torch.no_grad()
-def generate_outputs(net, tok, mrs, cfg: TrainConfig, log=print) -> list:
-    """One output per MR. Prompts are sorted by length so each decoding call pads little."""
-    net.eval()
-    prompts = [tok.encode(f"{mr}\n") for mr in mrs]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outs, start = [""] * len(prompts), time.time()
-    for s in range(0, len(order), cfg.eval_batch):
-        if s:
-            log(f"decoded {s}/{len(order)} MRs, {time.time() - start:.0f} s")
-        chunk = [prompts[i] for i in order[s:s + cfg.eval_batch]]
-        if cfg.beam > 1:
-            new = beam_search(net, chunk, cfg, tok.eos_id)
-        else:
-            new = net.generate(chunk, cfg.max_new_tokens, eos_id=tok.eos_id)
-        for i, ids in zip(order[s:s + cfg.eval_batch], new):
-            outs[i] = clean_output(tok, ids)
-    return outs
-
-
-def repeated_ngram_ban(seq, n) -> set:
-    """Tokens that would complete an n-gram already present in seq (no_repeat_ngram_size)."""
-    if n < 1 or len(seq) < n - 1:
-        return set()
-    prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
-    return {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix}
-
-
-class Beams:
-    """The K hypotheses of every prompt still decoding: row r of the batch is beam r % K of prompt
-    live[r // K]; finished[p] collects (score / length^penalty, tokens) of ended hypotheses."""
-
-    def __init__(self, n_prompts, K, length_penalty, device):
-        self.K, self.penalty, self.live = K, length_penalty, list(range(n_prompts))
-        self.seqs = [[] for _ in range(n_prompts * K)]
-        self.scores = torch.full((n_prompts * K,), -math.inf, device=device)
-        self.scores[::K] = 0.0                                   # the K beams of a prompt start identical
-        self.finished = [[] for _ in range(n_prompts)]
-
-    def close(self, p, rows):
-        """Prompt p stops: its live hypotheses join its finished ones."""
-        self.finished[p] += [(self.scores[r].item() / max(len(self.seqs[r]), 1) ** self.penalty,
-                              self.seqs[r]) for r in rows if self.scores[r] > -math.inf]
-
-    def step(self, logp, eos_id) -> list:
-        """Extend every live prompt's beams by the best 2K of its K x V candidates (logp [R, V],
-        scores included); ended ones finish. The rows the new beams continue, [] when all done."""
-        K, V = self.K, logp.shape[1]
-        top = logp.view(len(self.live), K * V).topk(2 * K, dim=1)          # [P, 2K] over K*V
-        rows, toks, scores, live = [], [], [], []
-        for i, p in enumerate(self.live):
-            chosen = []
-            for val, flat in zip(top.values[i].tolist(), top.indices[i].tolist()):
-                row, t = i * K + flat // V, flat % V
-                if val == -math.inf:
-                    break
-                if t == eos_id:
-                    ended = self.seqs[row]                      # its end token is not kept
-                    self.finished[p].append((val / (len(ended) + 1) ** self.penalty, ended))
-                elif len(chosen) < K:
-                    chosen.append((row, t, val))
-            if len(self.finished[p]) >= K or not chosen:
-                self.close(p, range(i * K, i * K + K))
-                continue
-            chosen += [(chosen[0][0], chosen[0][1], -math.inf)] * (K - len(chosen))   # K rows each
-            live.append(p)
-            rows += [row for row, _, _ in chosen]
-            toks += [t for _, t, _ in chosen]
-            scores += [val for _, _, val in chosen]
-        self.seqs = [self.seqs[r] + [t] for r, t in zip(rows, toks)]
-        self.scores = torch.tensor(scores, device=self.scores.device)
-        self.live, self.tokens = live, toks
-        return rows
-
-    def best(self) -> list:
-        for i, p in enumerate(self.live):
-            self.close(p, range(i * self.K, i * self.K + self.K))
-        return [max(f, key=lambda h: h[0])[1] if f else [] for f in self.finished]
-
-
-def reorder_cache(cache, rows):
-    """Row i of the KV cache becomes old row rows[i]: the beams each new hypothesis continues. Only
-    the filled positions are copied while the row count holds; prompts that are done shrink it."""
-    if len(rows) == cache.k.shape[1]:
-        n = cache.length
-        cache.k[:, :, :, :n], cache.v[:, :, :, :n] = cache.k[:, rows, :, :n], cache.v[:, rows, :, :n]
-    else:
-        cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]           # [L, R', nkv, S, hd]
-
-
-@torch.no_grad()
-def beam_search(net, prompts, cfg: TrainConfig, eos_id) -> list:
-    """Beam search for P prompts at once: the prompts' K beams are the R = P K rows of one batch
-    (left-padded, as Llama.generate); after each step the KV cache rows follow the beams they
-    continue, and prompts that are done leave the batch. Returns each prompt's best tokens."""
-    K, device = cfg.beam, net.lm_head.weight.device
-    T0 = max(len(p) for p in prompts)
-    total = T0 + cfg.max_new_tokens
-    tokens = torch.zeros(len(prompts), T0, dtype=torch.long, device=device)
-    key_mask = torch.ones(len(prompts), total, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, T0 - len(p):] = torch.tensor(p)
-        key_mask[i, :T0 - len(p)] = False
-    positions = (key_mask[:, :T0].cumsum(1) - 1).clamp(min=0)            # pads do not count
-    cache = KVCache(net.config, len(prompts), total, net.lm_head.weight.dtype, device)
-    logits = net(tokens, positions, cache, key_mask)[:, -1]              # [P, V]: prefill once
-    rows = torch.arange(len(prompts), device=device).repeat_interleave(K)   # then K rows per prompt
-    logits, key_mask, pos = logits[rows], key_mask[rows], positions[rows, -1:] + 1
-    cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]                # [L, R, nkv, S, hd]
-    beams = Beams(len(prompts), K, cfg.length_penalty, device)
-    for _ in range(cfg.max_new_tokens):
-        logp = torch.log_softmax(logits.float(), -1) + beams.scores[:, None]    # [R, V]
-        for r, seq in enumerate(beams.seqs):
-            logp[r, list(repeated_ngram_ban(seq, cfg.no_repeat_ngram))] = -math.inf
-        rows = beams.step(logp, eos_id)
-        if not rows:
-            break
-        rows = torch.tensor(rows, device=device)
-        reorder_cache(cache, rows)
-        key_mask, pos = key_mask[rows], pos[rows]
-        logits = net(torch.tensor(beams.tokens, device=device)[:, None], pos, cache, key_mask)[:, -1]
-        pos = pos + 1
-    return beams.best()
-
-
 # ------------------------------------------------------------------------------------ experiments
 
 def evaluate(net, tok, groups, cfg: TrainConfig, log=print) -> tuple:
     """(outputs, metrics with eval_time_s) on the MR groups [(mr, [refs])]."""
     start = time.time()
-    outs = generate_outputs(net, tok, [mr for mr, _ in groups], cfg, log)
+    outs = generate_outputs(net, tok, [f"{mr}\n" for mr, _ in groups], cfg, log)
     metrics = e2e_metrics(outs, [refs for _, refs in groups])
     return outs, {**metrics, "eval_time_s": time.time() - start}
 
@@ -595,7 +335,7 @@ def fine_tune(base, tok, examples, val, cfg: TrainConfig, out_dir, log=print) ->
     stats = train(net, examples, cfg, log, val, lcfg, out_dir)
     ckpt = os.path.join(out_dir, "adapter" if lcfg else "model")
     if lcfg:
-        save_adapter(net, ckpt, lcfg)
+        save_adapter(net, ckpt, lcfg, net.config.name)
     else:
         save_hf(net, ckpt, tok if isinstance(tok, Tokenizer) else None)   # the test tokenizer has no file
     row = {"method": cfg.method, "rank": cfg.rank if lcfg else None,
@@ -759,5 +499,5 @@ def parse_args(argv=None) -> TrainConfig:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DataError, UsageError, AdapterError) as e:
+    except (DataError, RecordError, UsageError, AdapterError) as e:
         raise SystemExit(f"error: {e}")

@@ -1,0 +1,181 @@
+"""The baselines of S-LoRA's evaluation (Sheng et al. 2023, arXiv 2311.03285, section 7.1).
+
+Each is engine.Engine with only what differs overridden, so that the comparison measures the one
+idea the baseline lacks:
+    no-unified  NoUnifiedEngine: no unified paging (section 4.1). The memory is split statically
+                between KV cache and adapters, so one side sits idle while the other is full
+                (smaller batches), and an adapter is copied into fresh tensors each time it returns.
+    bmm         BmmEngine: no custom kernels (section 5). Every step copies its adapters into
+                tensors padded to the largest rank and runs torch.bmm: a copy per step and
+                arithmetic on padding.
+    merged      MergedEngine: PEFT-style, one adapter merged into the weights at a time (section
+                7.1's "PEFT"): requests of other adapters wait for their turn, batches are small,
+                and the weights are rewritten at every switch.
+Simplified: on a CPU the no-unified LoRA arithmetic is slora's CPU path; only the memory policy
+differs there.
+Demo: `python serve.py --adapters 20 --duration 3 --layers 4 --modes slora,no-unified,bmm,merged`.
+Letters: L layers, H model dim, O output width of a target, S adapter slots of a step, Rm their
+largest rank.
+"""
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+
+import kernels
+from engine import AdapterSlots, Engine
+from model import Llama
+from paging import HostAdapter
+from scheduler import Request, ScheduledBatch, State
+
+
+class OwnCopy(NamedTuple):
+    """An adapter in tensors of its own (no unified pool): per target A [L, r, H], B^T [L, r, O]."""
+    A: Dict[str, torch.Tensor]
+    Bt: Dict[str, torch.Tensor]
+    scale: float
+
+
+class NoUnifiedEngine(Engine):
+    """Baseline without unified paging: a KV pool of pool_pages - adapter_reserve pages beside
+    adapter_reserve pages of adapter memory, each adapter copied into freshly allocated tensors
+    when a batch needs it and freed when no running request uses it. Slower than slora because
+    the fixed split leaves either KV or adapter memory idle (smaller batches) and adapters are
+    copied again each time they return; on a CPU its LoRA arithmetic is slora's CPU path."""
+
+    def __init__(self, model: Llama, eos_id: Optional[int] = None, **options):
+        self.own_copies: Dict[str, OwnCopy] = {}
+        self.users: Dict[str, int] = {}            # running requests per own copy
+        super().__init__(model, eos_id, **options)
+
+    def _memory_split(self):
+        reserve = self.cfg.adapter_reserve
+        reserve = self.cfg.pool_pages // 2 if reserve is None else reserve
+        return self.cfg.pool_pages - reserve, reserve
+
+    def _acquire(self, name: str):
+        if name not in self.own_copies:   # a fresh allocation and copy, as without a shared pool
+            ad = self.pool.host[name]
+            self.own_copies[name] = OwnCopy({t: ad.a(t).clone() for t in ad.targets},
+                                            {t: ad.bt(t).clone() for t in ad.targets}, ad.scale)
+        self.users[name] = self.users.get(name, 0) + 1
+
+    def _release(self, name: str):
+        self.users[name] -= 1
+        if self.users[name] == 0:
+            del self.own_copies[name], self.users[name]
+
+    def _prefetch(self):
+        """Nothing to prefetch into: adapters are copied when a batch needs them."""
+
+    def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
+        """A pair of matrix products per run of tokens of one adapter (kernels.lora_runs)."""
+        bounds = kernels.segment_starts(slots.lengths).tolist()
+        spans: Dict[str, List[int]] = {}        # adapter -> [t0, t1]: its requests are neighbours
+        for row, slot in enumerate(slots.row_slots.tolist()):
+            if slot:
+                spans.setdefault(slots.names[slot - 1], [bounds[row], 0])[1] = bounds[row + 1]
+
+        def lora(x, layer, target):
+            copies = [(t0, t1, self.own_copies[n]) for n, (t0, t1) in spans.items()]
+            runs = [(t0, t1, c.A[target][layer], c.Bt[target][layer], c.scale)
+                    for t0, t1, c in copies if target in c.A]
+            return kernels.lora_runs(x, runs, self.out_dim[target]) if runs else None
+        return lora if spans else None
+
+
+class BmmEngine(Engine):
+    """Baseline with the unified pool but without the gathered kernels: every step copies the
+    step's adapters into zero-padded tensors [S, Rm, H] and runs torch.bmm per token. Slower than
+    slora because of that copy each step and the padding of every adapter to the largest rank."""
+
+    def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
+        padded = {target: kernels.pad_adapters(self.pool.tensor, t.page_ids, t.a_start, t.b_start,
+                                               t.ranks, t.scales, self.out_dim[target])
+                  for target, t in self.pool.kernel_tables(slots.names).items()
+                  if bool((t.ranks > 0).any())}   # target -> (A [L, S, Rm, H], B^T [L, S, Rm, O])
+        token_slots = slots.token_slots()
+
+        def lora(x, layer, target):
+            if target not in padded:
+                return None
+            A, Bt = padded[target]
+            return kernels.bmm_lora(x, A[layer], Bt[layer], token_slots)
+        return lora if padded else None
+
+
+class MergedEngine(Engine):
+    """The PEFT-style baseline: merge one adapter into the weights (W0 + (alpha/r) B A), batch
+    only its requests, restore the weights to switch. Slower than slora because requests of
+    other adapters wait for their turn: batches are small and the weights are rewritten at
+    every switch."""
+
+    def __init__(self, model: Llama, eos_id: Optional[int] = None, **options):
+        self.waiting_turn: List[Request] = []     # requests of other adapters, not yet scheduled
+        self.merged: Optional[str] = None
+        self.base_weights: Dict[tuple, torch.Tensor] = {}   # (layer, target) -> W0, for the switch
+        super().__init__(model, eos_id, **options)
+
+    def _pages_of(self, adapter: HostAdapter) -> int:
+        return 0                                  # merged into the weights: no pool pages
+
+    def _enqueue(self, req: Request):
+        if self.merged != req.adapter or self.scheduler.idle():
+            self.waiting_turn.append(req)         # waits for its adapter's turn (_switch)
+        else:
+            self.scheduler.submit(req)
+
+    def _end(self, req: Request, state: State, reason: str):
+        self.waiting_turn = [r for r in self.waiting_turn if r is not req]
+        super()._end(req, state, reason)
+
+    def pending(self) -> bool:
+        return bool(self.waiting_turn) or super().pending()
+
+    def _schedule(self) -> ScheduledBatch:
+        if self.scheduler.idle():
+            self._switch()
+        return super()._schedule()
+
+    def _switch(self):
+        """Restore the base weights; merge the adapter of the oldest waiting request and move
+        every waiting request of it to the scheduler."""
+        attn = [layer.self_attn for layer in self.model.model.layers]
+        with torch.no_grad():
+            for (i, t), w in self.base_weights.items():
+                getattr(attn[i], t).weight.copy_(w)
+            self.base_weights, self.merged = {}, None
+            if not self.waiting_turn:
+                return
+            name = min(self.waiting_turn, key=lambda r: r.arrival).adapter
+            if name is not None:
+                ad = self.pool.host[name]
+                for i, t in ((i, t) for i in range(len(attn)) for t in ad.targets):
+                    w = getattr(attn[i], t).weight                                   # [O, H]
+                    self.base_weights[(i, t)] = w.clone()
+                    w += ad.scale * ad.bt(t)[i].T.to(w) @ ad.a(t)[i].to(w)   # (alpha/r) B A
+        self.merged = name
+        for req in [r for r in self.waiting_turn if r.adapter == name]:
+            self.waiting_turn.remove(req)
+            self.scheduler.submit(req)
+
+    def _acquire(self, name: str):
+        """Merged into the weights: nothing to load."""
+
+    def _release(self, name: str):
+        """Nothing was loaded."""
+
+    def _prefetch(self):
+        """Adapters are merged, not loaded into the pool."""
+
+    def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
+        return None
+
+
+ENGINES = {"slora": Engine, "no-unified": NoUnifiedEngine, "bmm": BmmEngine, "merged": MergedEngine}
+
+
+def make_engine(mode: str, model: Llama, eos_id: Optional[int] = None, **options) -> Engine:
+    """ENGINES[mode](model, eos_id, **options), with a clear error for an unknown mode."""
+    if mode not in ENGINES:
+        raise ValueError(f"unknown engine mode {mode!r}; choose from {list(ENGINES)}")
+    return ENGINES[mode](model, eos_id, **options)
