@@ -69,6 +69,7 @@ class BenchConfig:
     adapter: List[str] = cli.flag([], "name=path of a PEFT adapter to serve (repeatable)")
     tp: int = cli.flag(1, "tensor parallelism over this many processes (S-LoRA section 6, tp.py): "
                           "gloo on a CPU, NCCL on GPUs; rank 0 prints")
+    repeat: int = cli.flag(1, "replay the trace this many times: the median and range of each ratio")
 
 
 @dataclass
@@ -220,9 +221,24 @@ def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[Dict[
 
     def make_engine(mode):
         return ENGINES.get(mode, Engine)(model, None, **asdict(e))   # base: slora without adapters
-    rows = {mode: row for mode, _, row in replay_modes(model, modes, b, t, make_engine, print)}
-    report(rows, model)
-    return rows
+    if b.repeat < 1:
+        raise SystemExit(f"--repeat must be at least 1, got {b.repeat}")
+    runs = [{mode: row for mode, _, row in replay_modes(model, modes, b, t, make_engine, print)}
+            for _ in range(b.repeat)]
+    report(runs[-1], model)
+    if b.repeat > 1:
+        report_repeats(runs)
+    return runs[-1]
+
+
+def report_repeats(runs: List[Dict[str, dict]]):
+    """Arrivals follow the wall clock, so batches differ from run to run: the median and the
+    range of each throughput ratio over the repeated replays."""
+    for other in ("merged", "no-unified", "bmm", "base"):
+        if "slora" in runs[0] and other in runs[0]:
+            ratios = sorted(r["slora"]["req/s"] / r[other]["req/s"] for r in runs)
+            print(f"slora / {other} throughput over {len(runs)} runs: median "
+                  f"{ratios[len(ratios) // 2]:.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x")
 
 
 def _benchmark_on_device(comm: tp.Comm, modes: List[str], b: BenchConfig, t: TraceConfig,

@@ -2659,3 +2659,9 @@ def test_shutdown_with_requests_in_flight_ends_each_with_a_reason(http_adapters)
         assert status == 200 or (status == 503 and "shutting down" in body["error"]["message"]), body
     assert any(status == 503 for status, _ in results)
     assert httpd.loop.engine.pool.stats().kv == 0 and not httpd.loop.thread.is_alive()
+
+
+def test_repeated_benchmark_reports_median_and_range_of_each_ratio(capsys):
+    runs = [{"slora": {"req/s": s}, "base": {"req/s": b}} for s, b in ((2.0, 4.0), (3.0, 3.0), (1.0, 4.0))]
+    serve.report_repeats(runs)
+    assert "slora / base throughput over 3 runs: median 0.50x, range 0.25-1.00x" in capsys.readouterr().out
