@@ -391,11 +391,17 @@ def _usage(c: Completion) -> dict:
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": n, "total_tokens": c.prompt_tokens + n}
 
 
+class Server(ThreadingHTTPServer):
+    """One thread per connection; a listen backlog for many clients arriving at once (the
+    standard library's default of 5 resets the connections beyond it)."""
+    daemon_threads = True
+    request_queue_size = 256
+
+
 def start_server(engine, tokenizer, base_id: str, host: str = "127.0.0.1", port: int = 8000):
     """Start the engine thread and the HTTP server (in a thread); returns the server. Stop it with
     stop_server."""
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    httpd.daemon_threads = True
+    httpd = Server((host, port), Handler)
     httpd.loop = EngineLoop(engine, tokenizer, base_id)
     httpd.loop.start()
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
