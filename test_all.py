@@ -44,7 +44,8 @@ from lora import AdapterError, LoRAConfig, read_adapter  # noqa: E402
 from lora import load_adapter, lora_layers  # noqa: E402
 from tokenizer import ByteTokenizer  # noqa: E402
 from model import Llama, ModelConfig  # noqa: E402
-from paging import ADAPTER, KV, HostAdapter, PageAllocator, PoolConfig, PoolFullError, UnifiedPool, kv_pages  # noqa: E402
+from paging import (ADAPTER, KV, HostAdapter, PageAllocator, PoolConfig, PoolFullError,  # noqa: E402
+                    UnifiedPool, kv_pages)
 from scheduler import Request, RequestRejected, Scheduler, SchedulerConfig, State  # noqa: E402
 
 REAL_MODEL = os.environ.get("LORA_MODEL_PATH")
@@ -737,7 +738,8 @@ def test_malformed_records_are_listed_with_file_line_and_reason_before_any_model
         train.main(train.TrainConfig(data=str(path), out=str(tmp_path / "out")), log=lambda s: None)
     message = str(refused.value)
     assert message.startswith("8 malformed records")
-    for line, reason in [(3, "not JSON"), (4, "expected a JSON object, got list"), (5, '"prompt" and "completion" must both be strings'),
+    for line, reason in [(3, "not JSON"), (4, "expected a JSON object, got list"),
+                         (5, '"prompt" and "completion" must both be strings'),
                          (6, 'no "assistant" message'), (7, "message 0: expected"), (8, '"completion" is empty'),
                          (9, 'expected "prompt" and "completion", or "messages"'), (10, "not UTF-8")]:
         assert f"my.jsonl, line {line}: {reason}" in message, line
@@ -764,7 +766,8 @@ def test_lora_training_lowers_loss_changes_only_lora_and_reloads(tmp_path):
     fresh.eval()
     prompts = [f"{mr}\n" for mr, _ in PAIRS[2:]]
     cfg_eval = train.TrainConfig(max_new_tokens=12, eval_batch=2)
-    assert decode.generate_outputs(fresh, tok, prompts, cfg_eval) == decode.generate_outputs(net, tok, prompts, cfg_eval)
+    want = decode.generate_outputs(net, tok, prompts, cfg_eval)
+    assert decode.generate_outputs(fresh, tok, prompts, cfg_eval) == want
     tokens = torch.tensor([examples[0][0]])
     assert torch.allclose(fresh(tokens), net(tokens), atol=1e-5)
 
@@ -1099,7 +1102,8 @@ def test_main_scores_a_saved_adapter_like_the_run_that_made_it(tmp_path, monkeyp
     assert again["BLEU"] == pytest.approx(run["BLEU"])
 
 
-# ------------------------------------------------------------------------------ kernels (kernels.py): Triton in its interpreter vs references vs dense math
+# ------------------------------------------------------------------------------ kernels (kernels.py)
+# Triton in its interpreter vs references vs dense math
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -1451,7 +1455,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
         assert shared <= 99 * 1024, (label, dtype, arch, shared)   # fits every sm_80+ GPU
 
 
-# ------------------------------------------------------------------------------ unified pool (paging.py) and scheduler (scheduler.py)
+# ------------------------------------------------------------------------------ paging.py and scheduler.py
 
 L, H, G = 2, 12, 3            # layers, model dim, tokens per KV page (kv_dim = 4)
 KV_DIM = H // G
