@@ -328,6 +328,19 @@ def load_model(path: Optional[str] = None, dtype: Optional[str] = None):
     return model.eval(), tok
 
 
+def placement(device: str, dtype: str) -> tuple:
+    """(torch.device, torch.dtype) of the --device and --dtype flags; ValueError naming the flag
+    when the name is unknown or CUDA is asked for where there is none."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: choose cpu or cuda")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: no CUDA device is available here (torch {torch.__version__}"
+                         f"{'' if torch.version.cuda else ', built without CUDA'}); use --device cpu")
+    return torch.device(device), DTYPES[dtype]
+
+
 @dataclass
 class DemoConfig:
     prompt: str = cli.flag("The capital of France is", "text to continue")

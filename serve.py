@@ -35,7 +35,7 @@ import kernels
 import server
 import tp
 from baselines import ENGINES
-from checkpoints import default_model_path, load_model
+from checkpoints import default_model_path, load_model, placement
 from lora import AdapterError
 from engine import Engine, EngineConfig
 from model import Llama, ModelConfig
@@ -70,6 +70,11 @@ class BenchConfig:
     tp: int = cli.flag(1, "tensor parallelism over this many processes (S-LoRA section 6, tp.py): "
                           "gloo on a CPU, NCCL on GPUs; rank 0 prints")
     repeat: int = cli.flag(1, "replay the trace this many times: the median and range of each ratio")
+    device: str = cli.flag("cpu", "cpu or cuda: the model, the unified pool and the adapters' pages "
+                                  "live there; cuda runs the Triton kernels, host adapters pinned and "
+                                  "copied on a side stream")
+    dtype: str = cli.flag("float32", "float32, bfloat16 or float16: the base weights, the pool (KV "
+                                     "cache and adapter pages) and the activations")
 
 
 @dataclass
@@ -95,13 +100,15 @@ def make_trace(t: TraceConfig, vocab_size: int) -> List[dict]:
 
 
 def synthetic_adapters(n: int, ranks: List[int], cfg: ModelConfig,
-                       seed: int = 0) -> List[HostAdapter]:
+                       seed: int = 0, pin: bool = False) -> List[HostAdapter]:
     """n random rank-r adapters on q, k, v, o. To hold thousands in host memory, each adapter's
     weights are a view at its own random offset into one shared random bank; loading still copies
-    each adapter's own rows into the pool, which is the cost being measured."""
+    each adapter's own rows into the pool, which is the cost being measured. pin: the bank in
+    pinned memory, for copies to a GPU that overlap compute (paging.py)."""
     gen = torch.Generator().manual_seed(seed)
     bank = torch.randn(cfg.n_layers, 8 * max(ranks), cfg.dim, generator=gen)    # [L, rows, H]
     bank /= math.sqrt(cfg.dim)
+    bank = bank.pin_memory() if pin else bank
     out = target_widths(cfg)
     adapters = []
     for i in range(n):
@@ -164,7 +171,7 @@ def replay_modes(model: Llama, modes: List[str], b: BenchConfig, t: TraceConfig,
     say(f"base: {b.base or f'random weights, {cfg.n_layers} layers, dim {cfg.dim}'}; "
         f"{len(trace)} requests, {t.adapters} adapters of ranks {ranks}, rate {t.rate}/s, "
         f"cv {t.cv}, alpha {t.alpha}")
-    adapters = synthetic_adapters(t.adapters, ranks, cfg, t.seed)
+    adapters = synthetic_adapters(t.adapters, ranks, cfg, t.seed, pin=b.device == "cuda")
     real = dict(kv.split("=", 1) for kv in b.adapter)
     for mode in modes:
         engine = make_engine(mode)
@@ -185,7 +192,7 @@ def report(rows: Dict[str, dict], model: Llama):
     for other in ("merged", "no-unified", "bmm", "base"):
         if other in rows:
             print(f"slora / {other} throughput: {r['req/s'] / rows[other]['req/s']:.2f}x")
-    bw = kernels.copy_bandwidth()
+    bw = kernels.copy_bandwidth(model.lm_head.weight.device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     lora, kv, mib = r["lora_mib"] * 2**20, r["kv_mib"] * 2**20, 2**20
     floor = (weights + lora + kv) / bw
@@ -200,8 +207,11 @@ def report(rows: Dict[str, dict], model: Llama):
 # ------------------------------------------------------------------ one device or several
 
 def _base_model(b: BenchConfig) -> Llama:
+    """The base model in --dtype, on the CPU (the caller moves it to its device)."""
     torch.manual_seed(0)   # every device of --tp builds the same model, then keeps its part
-    return load_model(b.base)[0] if b.base else Llama(ModelConfig(n_layers=b.layers)).eval()
+    if b.base:
+        return load_model(b.base, b.dtype)[0]
+    return Llama(ModelConfig(n_layers=b.layers)).to(getattr(torch, b.dtype)).eval()
 
 
 def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[Dict[str, dict]]:
@@ -210,14 +220,18 @@ def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[Dict[
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown modes {unknown}; choose from {list(MODES)}")
+    try:
+        device, _ = placement(b.device, b.dtype)
+    except ValueError as err:
+        raise SystemExit(f"serve.py: {err}")
     if b.tp > 1:
         try:
-            tp.launch(b.tp, _benchmark_on_device, modes, b, t, e)
+            tp.launch(b.tp, _benchmark_on_device, modes, b, t, e, device_type=b.device)
         except tp.TensorParallelError as err:
             raise SystemExit(f"tensor-parallel benchmark failed: {err}")
         return None
     torch.set_num_threads(b.threads)
-    model = _base_model(b)
+    model = _base_model(b).to(device)
 
     def make_engine(mode):
         return ENGINES.get(mode, Engine)(model, None, **asdict(e))   # base: slora without adapters
@@ -270,8 +284,13 @@ def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig):
     """Load the base model and the adapters, serve them over HTTP until Ctrl-C, then stop
     cleanly: running requests get a few seconds to finish, the others end with the reason."""
     torch.set_num_threads(b.threads)
+    try:
+        device, _ = placement(b.device, b.dtype)
+    except ValueError as err:
+        raise SystemExit(f"serve.py: {err}")
     path = b.base or default_model_path()
-    model, tok = load_model(path)
+    model, tok = load_model(path, b.dtype)
+    model.to(device)
     base_id = os.path.basename(os.path.normpath(path)).split(".")[0]  # SmolLM2-135M-Instruct
     engine = Engine(model, tok.eos_id, **asdict(e))
     try:

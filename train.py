@@ -15,6 +15,8 @@ are decoded by decode.py (greedy, or beam search with --beam) and scored with e2
 Training: AdamW, linear warm-up then decay; --grad-accum micro-batches per step, --max-grad-norm,
 --val-fraction held out for a validation loss, --save-every / --resume (adapter, optimizer moments
 and RNG state in safetensors and JSON: nothing is unpickled).
+On a GPU: --device cuda --dtype bfloat16 (autocast; LoRA parameters and AdamW's state float32);
+--preset paper sets the paper's whole recipe (Table 11), 5 epochs turned into steps from the data.
 Simplified: without trainset.csv the E2E dev split is the training set (said in the output and in
 results.json); --resume restores the CPU random state only; full fine-tuning cannot be resumed.
 Demo: `python train.py` (LoRA on E2E), `python train.py --method full`, `python train.py --adapter
@@ -30,7 +32,7 @@ import os
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import cli
-from checkpoints import Tokenizer, load_model, save_hf
+from checkpoints import Tokenizer, load_model, placement, save_hf
 from decode import DecodeConfig, generate_outputs
 from e2e import DataError, e2e_metrics, ensure_data, group_refs, read_e2e
 from lora import (TARGET_NAMES, AdapterError, LoRAConfig, add_lora, count_parameters,
@@ -88,6 +90,17 @@ class TrainConfig(DecodeConfig):
                                "outputs never end, so each runs to --max-new-tokens)")
     sweep: bool = flag(False, "rank study: r in 1,2,4,8,64 x targets q; q,v; q,k,v,o")
     log_every: int = flag(10, "print progress every N steps")
+    epochs: Optional[int] = flag(None, "passes over the training set: sets --steps from its size, "
+                                 "ceil(epochs x examples / (batch-size x grad-accum))", int)
+    device: str = flag("cpu", "cpu or cuda: where the model, the batches and AdamW's state live")
+    dtype: str = flag("float32", "float32, or bfloat16: the forward and the loss under "
+                      "torch.autocast to bfloat16 (matrix products in bfloat16; the weights, LoRA "
+                      "parameters and AdamW's moments stay float32); float16 is refused (it needs "
+                      "loss scaling)")
+    preset: Optional[str] = flag(None, "paper: the LoRA paper's E2E recipe (Table 11: r=4, alpha 32, "
+                                 "q,v, AdamW lr 2e-4, 5 epochs of batch 8, warm-up 500, ...) on "
+                                 "cuda in bfloat16, for a GPU; flags given on the command line "
+                                 "override it", str)
 
 
 class UsageError(ValueError):
@@ -113,6 +126,11 @@ FLAG_RULES = {  # flag: (test, what it must be), checked before any data or mode
     **{name: (lambda v: 0 <= v < 1, "in [0, 1)") for name in ("dropout", "label_smoothing", "val_fraction")},
     "seq_len": (lambda v: v >= 2, "at least 2 (a prompt token and a target token)"),
     "eval_limit": (lambda v: v is None or v >= 1, "at least 1"),
+    "epochs": (lambda v: v is None or v >= 1, "at least 1"),
+    "device": (lambda v: v in ("cpu", "cuda"), "cpu or cuda"),
+    "dtype": (lambda v: v in ("float32", "bfloat16"),
+              "float32 or bfloat16 (float16 training needs loss scaling, which is not implemented)"),
+    "preset": (lambda v: v is None or v in PRESETS, "paper (the only preset)"),
     **{name: (lambda v: v >= 1, "at least 1") for name in (
         "rank", "steps", "batch_size", "grad_accum", "eval_batch", "eval_every", "max_new_tokens",
         "beam", "baseline_limit", "log_every")},
@@ -122,7 +140,13 @@ FLAG_RULES = {  # flag: (test, what it must be), checked before any data or mode
 # flags a resumed run must share with the run it continues
 RESUMED = ("data", "e2e_dir", "method", "rank", "alpha", "rslora", "dropout", "targets", "steps",
            "batch_size", "grad_accum", "seq_len", "lr", "weight_decay", "warmup", "max_grad_norm",
-           "label_smoothing", "seed", "val_fraction")
+           "label_smoothing", "seed", "val_fraction", "epochs")
+# The LoRA paper's E2E recipe for GPT-2 (Hu et al. 2021, appendix D.3, Table 11): training
+# (optimizer AdamW, linear schedule) and decoding; 5 epochs become steps once the data is read.
+PRESETS = {"paper": dict(rank=4, alpha=32.0, targets="q,v", lr=2e-4, epochs=5, batch_size=8,
+                         grad_accum=1, warmup=500, label_smoothing=0.1, weight_decay=0.01,
+                         dropout=0.1, beam=10, length_penalty=0.9, no_repeat_ngram=4,
+                         device="cuda", dtype="bfloat16")}
 
 
 def check_flags(cfg: TrainConfig):
@@ -133,6 +157,11 @@ def check_flags(cfg: TrainConfig):
             raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {getattr(cfg, name)!r}")
     if cfg.method == "full" and (cfg.save_every or cfg.resume):
         raise UsageError("--save-every and --resume work with --method lora only")
+    try:
+        placement(cfg.device, cfg.dtype)
+    except ValueError as e:
+        hint = f" (--preset {cfg.preset} sets --device cuda; --device cpu overrides it)" if cfg.preset else ""
+        raise UsageError(f"{e}{hint}") from None
     if cfg.data and (cfg.sweep or cfg.adapter):
         raise UsageError(f"--{'sweep' if cfg.sweep else 'adapter'} belongs to the E2E experiment, "
                          "not to --data")
@@ -158,7 +187,8 @@ def check_resumable(cfg: TrainConfig):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--resume: {path} is missing or unreadable ({e})") from None
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {getattr(cfg, k)!r} here"
-              for k in RESUMED if saved.get(k) != getattr(cfg, k)]
+              for k in RESUMED if saved.get(k) != getattr(cfg, k)
+              and not (k == "steps" and cfg.epochs)]          # --epochs: steps follow from the data
     if differ:
         raise UsageError(f"--resume {cfg.resume}: the run differs: " + "; ".join(differ))
 
@@ -192,10 +222,17 @@ def prepare(net, cfg: TrainConfig):
     return net, lcfg
 
 
+def autocast(net, dtype: str):
+    """--dtype bfloat16: torch.autocast on net's device, so that matrix products run in bfloat16
+    while the weights, the LoRA parameters and AdamW's moments stay float32; float32: no change."""
+    return torch.autocast(net.lm_head.weight.device.type, torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 def lm_loss(net, tokens, mask, label_smoothing, reduction="mean"):
     """Cross-entropy of the next token at the masked (target) positions, with label smoothing."""
+    tokens, mask = tokens.to(net.lm_head.weight.device), mask.to(net.lm_head.weight.device)
     logits = net(tokens[:, :-1], select=mask)                      # [M, V]: the M target positions
-    return F.cross_entropy(logits, tokens[:, 1:][mask], label_smoothing=label_smoothing,
+    return F.cross_entropy(logits.float(), tokens[:, 1:][mask], label_smoothing=label_smoothing,
                            reduction=reduction)
 
 
@@ -206,7 +243,8 @@ def accumulate(net, micro_batches, cfg: TrainConfig) -> tuple:
     n_targets = sum(int(mask.sum()) for _, mask, _ in micro_batches)
     loss = 0.0
     for tokens, mask, _ in micro_batches:
-        part = lm_loss(net, tokens, mask, cfg.label_smoothing, "sum") / n_targets
+        with autocast(net, cfg.dtype):
+            part = lm_loss(net, tokens, mask, cfg.label_smoothing, "sum") / n_targets
         part.backward()
         loss += part.item()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -214,14 +252,26 @@ def accumulate(net, micro_batches, cfg: TrainConfig) -> tuple:
     return loss, norm.item()
 
 
+def train_step(net, opt, micro_batches, step, cfg: TrainConfig) -> tuple:
+    """One optimizer step (step counts from 0): the schedule's rate, the accumulated gradient,
+    AdamW's update. (loss, gradient norm before clipping)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    loss, norm = accumulate(net, micro_batches, cfg)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, norm
+
+
 @torch.no_grad()
-def validation_loss(net, examples, batch_size) -> float:
+def validation_loss(net, examples, batch_size, dtype="float32") -> float:
     """Mean cross-entropy (no label smoothing) over every target token of held-out examples."""
     training, total, count = net.training, 0.0, 0
     net.eval()
     for s in range(0, len(examples), batch_size):
         tokens, mask, _ = collate(examples[s:s + batch_size])
-        total += lm_loss(net, tokens, mask, 0.0, "sum").item()
+        with autocast(net, dtype):
+            total += lm_loss(net, tokens, mask, 0.0, "sum").item()
         count += int(mask.sum())
     net.train(training)
     return total / count
@@ -273,15 +323,11 @@ def train(net, examples, cfg: TrainConfig, log=print, val=(), lcfg=None, out_dir
     start, n_tokens = time.time(), 0
     for step in range(first + 1, cfg.steps + 1):
         micro = [next(data) for _ in range(cfg.grad_accum)]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, cfg)
-        loss, norm = accumulate(net, micro, cfg)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, norm = train_step(net, opt, micro, step - 1, cfg)
         history["losses"].append(loss)
         n_tokens += sum(n for _, _, n in micro)
         if val and (step % cfg.eval_every == 0 or step == cfg.steps):
-            history["val_losses"].append([step, validation_loss(net, val, cfg.eval_batch)])
+            history["val_losses"].append([step, validation_loss(net, val, cfg.eval_batch, cfg.dtype)])
             log(f"step {step}: validation loss {history['val_losses'][-1][1]:.3f}")
         if lcfg and cfg.save_every and step % cfg.save_every == 0:
             log(f"saved {save_checkpoint(net, lcfg, opt, history, cfg, out_dir)}")
@@ -305,7 +351,8 @@ def progress(step, losses, norm, opt, n_tokens, elapsed, first, cfg: TrainConfig
 def evaluate(net, tok, groups, cfg: TrainConfig, log=print) -> tuple:
     """(outputs, metrics with eval_time_s) on the MR groups [(mr, [refs])]."""
     start = time.time()
-    outs = generate_outputs(net, tok, [f"{mr}\n" for mr, _ in groups], cfg, log)
+    with autocast(net, cfg.dtype):
+        outs = generate_outputs(net, tok, [f"{mr}\n" for mr, _ in groups], cfg, log)
     metrics = e2e_metrics(outs, [refs for _, refs in groups])
     return outs, {**metrics, "eval_time_s": time.time() - start}
 
@@ -430,6 +477,7 @@ def run_e2e(cfg: TrainConfig, results: dict, log=print):
     results.json rewritten after each run."""
     rows, split, groups = load_splits(cfg, log)
     base, tok = load_model(cfg.base)
+    base.to(cfg.device)
     check_fits(base, [tok.encode(f"{mr}\n") for mr, _ in groups], cfg)
     adapted = copy.deepcopy(base) if cfg.adapter else None
     lcfg = load_adapter(adapted, cfg.adapter) if cfg.adapter else None   # refused before any scoring
@@ -437,6 +485,7 @@ def run_e2e(cfg: TrainConfig, results: dict, log=print):
     examples, val = split_validation(examples, cfg.val_fraction, cfg.seed)
     log(f"{len(examples)} training examples ({split or 'no'} split), {len(groups)} test MRs, "
         f"{sum(len(refs) for _, refs in groups)} references")
+    cfg = steps_from_epochs(cfg, len(examples), results, log)
     results.update(train_split=split, test_mrs=len(groups), runs=[])
     results["note"] = NOTE + ("; trained on devset.csv: trainset.csv is absent" if split == "dev" else "")
     if not cfg.no_baseline:
@@ -460,13 +509,27 @@ def run_data(cfg: TrainConfig, results: dict, log=print):
     save the adapter (PEFT) in --out/adapter."""
     records = read_records(cfg.data)
     base, tok = load_model(cfg.base)
+    base.to(cfg.device)
     check_fits(base, [], cfg)
     examples, val = split_validation(encode_records(tok, records, cfg.data, cfg.seq_len),
                                      cfg.val_fraction, cfg.seed)
     log(f"{len(examples)} training and {len(val)} validation examples from {cfg.data}")
+    cfg = steps_from_epochs(cfg, len(examples), results, log)
     results.update(train_examples=len(examples), val_examples=len(val), runs=[])
     _, row = fine_tune(base, tok, examples, val, cfg, cfg.out, log)
     results["runs"].append(row)
+
+
+def steps_from_epochs(cfg: TrainConfig, n_examples: int, results: dict, log=print) -> TrainConfig:
+    """With --epochs: the config with --steps = ceil(epochs x examples / (batch-size x
+    grad-accum)), also in results["config"]; else cfg unchanged."""
+    if not cfg.epochs:
+        return cfg
+    steps = math.ceil(cfg.epochs * n_examples / (cfg.batch_size * cfg.grad_accum))
+    log(f"--epochs {cfg.epochs} of {n_examples} examples at {cfg.batch_size * cfg.grad_accum} "
+        f"per step: {steps} steps")
+    results["config"]["steps"] = steps
+    return replace(cfg, steps=steps)
 
 
 def main(cfg: TrainConfig, log=print) -> dict:
@@ -485,11 +548,37 @@ def main(cfg: TrainConfig, log=print) -> dict:
     return results
 
 
+def given_flags(argv=None) -> set:
+    """The config fields set on the command line (argv, or sys.argv), whatever their value."""
+    probe, unset = argparse.ArgumentParser(add_help=False), object()   # a default no flag gives
+    cli.add_flags(probe, TrainConfig)
+    probe.set_defaults(**{f.name: unset for f in fields(TrainConfig)})
+    return {k for k, v in vars(probe.parse_known_args(argv)[0]).items() if v is not unset}
+
+
+def apply_preset(cfg: TrainConfig, given: set) -> TrainConfig:
+    """cfg with --preset's values for every flag not in `given` (flags given on the command line
+    win); an explicit --steps also replaces the preset's epochs."""
+    if cfg.preset is None:
+        return cfg
+    if cfg.preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
+    values = {k: v for k, v in PRESETS[cfg.preset].items() if k not in given}
+    if "steps" in given and "epochs" not in given:
+        values.pop("epochs", None)
+    return replace(cfg, **values)
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """The config from the command line; a flag that cannot work is a usage error (exit 2)."""
+    """The config from the command line, --preset applied under the flags given; a flag that
+    cannot work is a usage error (exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cfg, = cli.parse([TrainConfig], "", argv, parser)
     try:
+        given = given_flags(argv)
+        if "epochs" in given and "steps" in given:
+            raise UsageError("--epochs and --steps both given: --epochs sets the steps, give one")
+        cfg = apply_preset(cfg, given)
         check_flags(cfg)
     except UsageError as e:
         parser.error(str(e))
