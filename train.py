@@ -252,6 +252,12 @@ def accumulate(net, micro_batches, cfg: TrainConfig) -> tuple:
     return loss, norm.item()
 
 
+def make_optimizer(net, cfg: TrainConfig):
+    """AdamW over the trainable parameters (LoRA's A and B, or every weight)."""
+    return torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                             weight_decay=cfg.weight_decay)
+
+
 def train_step(net, opt, micro_batches, step, cfg: TrainConfig) -> tuple:
     """One optimizer step (step counts from 0): the schedule's rate, the accumulated gradient,
     AdamW's update. (loss, gradient norm before clipping)."""
@@ -314,8 +320,7 @@ def train(net, examples, cfg: TrainConfig, log=print, val=(), lcfg=None, out_dir
     """AdamW, --grad-accum micro-batches per step; validation loss every --eval-every steps; with
     lcfg, a checkpoint in out_dir every --save-every steps. Prints progress with an ETA."""
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    opt = make_optimizer(net, cfg)
     history = restore_checkpoint(opt, cfg.resume) if cfg.resume else {"losses": [], "val_losses": []}
     first = len(history["losses"])
     data = batches(examples, cfg.batch_size, random.Random(cfg.seed), skip=first * cfg.grad_accum)
