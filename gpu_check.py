@@ -72,6 +72,7 @@ class Sizes:
     trace: dict                    # (c): serve.TraceConfig fields besides adapters
     pool_pages: int                # (c)
     batch: tuple                   # (d): (rows, tokens per row)
+    real_model: bool               # (c): serve $LORA_MODEL_PATH's model when it is set
 
 
 GPU = Sizes(lora=kernels.BenchConfig(hidden=1024, tokens=96, adapters=20),
@@ -79,13 +80,13 @@ GPU = Sizes(lora=kernels.BenchConfig(hidden=1024, tokens=96, adapters=20),
             decode=kernels.BenchConfig(hidden=4096, tokens=256, adapters=100),
             model=ModelConfig(), adapters=(5, 100, 1000),
             trace=dict(rate=400.0, duration=1.0, input_len="8,32", output_len="8,32"),
-            pool_pages=60000, batch=(8, 128))
+            pool_pages=60000, batch=(8, 128), real_model=True)
 SMALL = Sizes(lora=kernels.BenchConfig(hidden=40, tokens=12, adapters=3, ranks="2,4", prefill_len=5),
               heads=((6, 2, 8),), kv_lens=(1, 7),
               decode=kernels.BenchConfig(hidden=128, tokens=16, adapters=5, ranks="4,8"),
               model=ModelConfig.tiny(), adapters=(2, 4, 8),
               trace=dict(rate=100.0, duration=0.04, input_len="2,4", output_len="2,3"),
-              pool_pages=800, batch=(2, 16))
+              pool_pages=800, batch=(2, 16), real_model=False)
 
 
 class TimeLimit(Exception):
@@ -234,15 +235,16 @@ def part_b(s: Sizes, device, cfg: CheckConfig, write):
 # ------------------------------------------------------------------ (c) the serving experiment
 
 def serving_model(s: Sizes, device) -> tuple:
-    """(the base model in bfloat16 on device, what it is): $LORA_MODEL_PATH's file, else random
-    weights of s.model's shape."""
+    """(the base model in bfloat16 on device, what it is): $LORA_MODEL_PATH's file where it
+    exists and s.real_model, else random weights of s.model's shape."""
     path = os.environ.get("LORA_MODEL_PATH")
     torch.manual_seed(0)
-    if path and os.path.exists(path):
+    if s.real_model and path and os.path.exists(path):
         return load_model(path, "bfloat16")[0].to(device), path
     model = Llama(s.model).to(device, torch.bfloat16).eval()
-    return model, (f"random weights of SmolLM2-135M's shape ({s.model.n_layers} layers, dim "
-                   f"{s.model.dim}, vocabulary {s.model.vocab_size})")
+    shape = "SmolLM2-135M's shape" if s.model == ModelConfig() else "a tiny shape"
+    return model, (f"random weights of {shape} ({s.model.n_layers} layers, dim {s.model.dim}, "
+                   f"vocabulary {s.model.vocab_size})")
 
 
 def replay_one(model, mode: str, n_adapters: int, s: Sizes, device, limit: float) -> dict:

@@ -2669,3 +2669,102 @@ def test_repeated_benchmark_reports_median_and_range_of_each_ratio(capsys):
     runs = [{"slora": {"req/s": s}, "base": {"req/s": b}} for s, b in ((2.0, 4.0), (3.0, 3.0), (1.0, 4.0))]
     serve.report_repeats(runs)
     assert "slora / base throughput over 3 runs: median 0.50x, range 0.25-1.00x" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ devices, dtypes, presets, GPU check
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where CUDA is absent")
+
+
+def test_serving_flags_reach_model_and_pool_and_bfloat16_stays_close_to_float32(monkeypatch):
+    import cli
+    _, b, _, _ = cli.parse([serve.TraceConfig, serve.BenchConfig, E.EngineConfig, serve.ServerConfig],
+                           "", ["--device", "cpu", "--dtype", "bfloat16", "--layers", "2"])
+    assert (b.device, b.dtype) == ("cpu", "bfloat16")
+    monkeypatch.setattr(serve, "ModelConfig", lambda n_layers: ModelConfig.tiny(n_layers=n_layers))
+    half, full = serve._base_model(b), serve._base_model(dataclasses.replace(b, dtype="float32"))
+    assert half.lm_head.weight.dtype == torch.bfloat16 and full.lm_head.weight.dtype == torch.float32
+    tokens = torch.randint(0, 259, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = full(tokens), half(tokens).float()
+    assert not torch.equal(got, want)                                  # it did run in bfloat16
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    adapters = serve.synthetic_adapters(3, [4, 8], full.config)
+    outputs = []
+    for model in (full, half):
+        engine = E.Engine(model, None, pool_pages=300)
+        assert engine.pool.tensor.dtype == model.lm_head.weight.dtype
+        for ad in adapters:
+            engine.register(ad)
+        outputs.append(engine.generate([[5, 6, 7, 8], [9, 10]], ["adapter-0", "adapter-2"], 5))
+    assert outputs[0] == outputs[1]
+
+
+@no_cuda
+def test_cuda_asked_for_without_cuda_is_refused_naming_the_flag(capsys):
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device"):
+        serve.benchmark(serve.BenchConfig(device="cuda"), serve.TraceConfig(), E.EngineConfig())
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "--device cuda: no CUDA device" in capsys.readouterr().err
+    import gpu_check
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device"):
+        gpu_check.main(gpu_check.CheckConfig(device="cuda"))
+    with pytest.raises(ValueError, match="--device 'tpu'"):
+        C.placement("tpu", "float32")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dtype", "float16"])     # float16 training would need loss scaling
+    assert "--dtype must be float32 or bfloat16" in capsys.readouterr().err
+
+
+def test_bfloat16_training_autocasts_but_keeps_lora_and_adamw_state_float32():
+    base, _, examples = tiny_setup()
+    losses, nets = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = train.TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup=1, dropout=0.0, log_every=100,
+                                dtype=dtype)
+        net, _ = train.prepare(copy.deepcopy(base), cfg)
+        nets[dtype] = net
+        losses[dtype] = train.train(net, examples, cfg, log=lambda s: None)["losses"]
+    assert losses["bfloat16"] != losses["float32"]                     # autocast was on
+    assert abs(losses["bfloat16"][0] - losses["float32"][0]) < 0.005 * losses["float32"][0]
+    assert np.allclose(losses["bfloat16"], losses["float32"], rtol=0.1)  # rounding compounds
+    assert losses["bfloat16"][-1] < 0.7 * losses["bfloat16"][0]          # and it still learns
+    assert all(p.dtype == torch.float32 for p in nets["bfloat16"].parameters())
+    opt = train.make_optimizer(nets["bfloat16"], cfg)
+    tokens, mask, n = sft_data.collate(examples[:2])
+    train.train_step(nets["bfloat16"], opt, [(tokens, mask, n)], 0, cfg)
+    assert {v.dtype for s in opt.state.values() for k, v in s.items() if k != "step"} == {torch.float32}
+
+
+def test_paper_preset_is_table_11_and_explicit_flags_override_it():
+    cfg = train.parse_args(["--preset", "paper", "--device", "cpu"])
+    table_11 = dict(rank=4, alpha=32.0, targets="q,v", lr=2e-4, epochs=5, batch_size=8, grad_accum=1,
+                    warmup=500, label_smoothing=0.1, weight_decay=0.01, dropout=0.1, beam=10,
+                    length_penalty=0.9, no_repeat_ngram=4, dtype="bfloat16", device="cpu")
+    assert {k: getattr(cfg, k) for k in table_11} == table_11
+    steps = train.steps_from_epochs(cfg, 42061, {"config": {}}, log=lambda s: None).steps
+    assert steps == 26289                          # ceil(5 x 42061 E2E training rows / 8)
+    cfg = train.parse_args(["--preset", "paper", "--device", "cpu", "--lr", "1e-3", "--steps", "50",
+                            "--dtype", "float32"])
+    assert (cfg.lr, cfg.steps, cfg.epochs, cfg.dtype, cfg.rank) == (1e-3, 50, None, "float32", 4)
+    assert train.parse_args(["--preset", "paper", "--device", "cpu", "--warmup=7"]).warmup == 7
+    assert train.parse_args([]).epochs is None and train.parse_args([]).lr == 1e-3
+
+
+def test_gpu_check_runs_small_on_a_cpu_and_reports_every_part_with_numbers(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "check.md"
+    run = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--small", "--out", str(out)],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = out.read_text()
+    parts = re.split(r"^## ", report, flags=re.M)[1:]
+    assert [p[:3] for p in parts] == ["(a)", "(b)", "(c)", "(d)"]
+    for part in parts:
+        assert "**failed**" not in part and "**stopped**" not in part, part
+        assert re.search(r"^\|.* \| [-+.,e\d]+ \|", part, flags=re.M), part     # a row of numbers
+    assert "FAIL" not in parts[0] and "within tolerance: PASS" in parts[0]
+    assert "LoRA / base GEMM time" in parts[1] and "of its throughput with 2" in parts[2]
