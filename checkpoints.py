@@ -336,8 +336,9 @@ def placement(device: str, dtype: str) -> tuple:
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device cuda: no CUDA device is available here (torch {torch.__version__}"
-                         f"{'' if torch.version.cuda else ', built without CUDA'}); use --device cpu")
+        built = "" if torch.version.cuda else ", built without CUDA"
+        raise ValueError(f"--device cuda: no CUDA device is available here (torch "
+                         f"{torch.__version__}{built}); use --device cpu")
     return torch.device(device), DTYPES[dtype]
 
 

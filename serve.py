@@ -70,9 +70,9 @@ class BenchConfig:
     tp: int = cli.flag(1, "tensor parallelism over this many processes (S-LoRA section 6, tp.py): "
                           "gloo on a CPU, NCCL on GPUs; rank 0 prints")
     repeat: int = cli.flag(1, "replay the trace this many times: the median and range of each ratio")
-    device: str = cli.flag("cpu", "cpu or cuda: the model, the unified pool and the adapters' pages "
-                                  "live there; cuda runs the Triton kernels, host adapters pinned and "
-                                  "copied on a side stream")
+    device: str = cli.flag("cpu", "cpu or cuda: the model, the unified pool and the adapters' "
+                                  "pages live there; cuda runs the Triton kernels, host adapters "
+                                  "pinned and copied on a side stream")
     dtype: str = cli.flag("float32", "float32, bfloat16 or float16: the base weights, the pool (KV "
                                      "cache and adapter pages) and the activations")
 

@@ -97,10 +97,10 @@ class TrainConfig(DecodeConfig):
                       "torch.autocast to bfloat16 (matrix products in bfloat16; the weights, LoRA "
                       "parameters and AdamW's moments stay float32); float16 is refused (it needs "
                       "loss scaling)")
-    preset: Optional[str] = flag(None, "paper: the LoRA paper's E2E recipe (Table 11: r=4, alpha 32, "
-                                 "q,v, AdamW lr 2e-4, 5 epochs of batch 8, warm-up 500, ...) on "
-                                 "cuda in bfloat16, for a GPU; flags given on the command line "
-                                 "override it", str)
+    preset: Optional[str] = flag(None, "paper: the LoRA paper's E2E recipe (Table 11: r=4, alpha "
+                                 "32, q,v, AdamW lr 2e-4, 5 epochs of batch 8, warm-up 500, ...) "
+                                 "on cuda in bfloat16, for a GPU; flags given on the command "
+                                 "line override it", str)
 
 
 class UsageError(ValueError):
@@ -129,7 +129,7 @@ FLAG_RULES = {  # flag: (test, what it must be), checked before any data or mode
     "epochs": (lambda v: v is None or v >= 1, "at least 1"),
     "device": (lambda v: v in ("cpu", "cuda"), "cpu or cuda"),
     "dtype": (lambda v: v in ("float32", "bfloat16"),
-              "float32 or bfloat16 (float16 training needs loss scaling, which is not implemented)"),
+              "float32 or bfloat16 (float16 training needs loss scaling, not implemented)"),
     "preset": (lambda v: v is None or v in PRESETS, "paper (the only preset)"),
     **{name: (lambda v: v >= 1, "at least 1") for name in (
         "rank", "steps", "batch_size", "grad_accum", "eval_batch", "eval_every", "max_new_tokens",
@@ -160,8 +160,8 @@ def check_flags(cfg: TrainConfig):
     try:
         placement(cfg.device, cfg.dtype)
     except ValueError as e:
-        hint = f" (--preset {cfg.preset} sets --device cuda; --device cpu overrides it)" if cfg.preset else ""
-        raise UsageError(f"{e}{hint}") from None
+        hint = f" (--preset {cfg.preset} sets --device cuda; --device cpu overrides it)"
+        raise UsageError(f"{e}{hint if cfg.preset else ''}") from None
     if cfg.data and (cfg.sweep or cfg.adapter):
         raise UsageError(f"--{'sweep' if cfg.sweep else 'adapter'} belongs to the E2E experiment, "
                          "not to --data")
@@ -225,7 +225,8 @@ def prepare(net, cfg: TrainConfig):
 def autocast(net, dtype: str):
     """--dtype bfloat16: torch.autocast on net's device, so that matrix products run in bfloat16
     while the weights, the LoRA parameters and AdamW's moments stay float32; float32: no change."""
-    return torch.autocast(net.lm_head.weight.device.type, torch.bfloat16, enabled=dtype == "bfloat16")
+    device = net.lm_head.weight.device.type
+    return torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def lm_loss(net, tokens, mask, label_smoothing, reduction="mean"):
@@ -332,7 +333,8 @@ def train(net, examples, cfg: TrainConfig, log=print, val=(), lcfg=None, out_dir
         history["losses"].append(loss)
         n_tokens += sum(n for _, _, n in micro)
         if val and (step % cfg.eval_every == 0 or step == cfg.steps):
-            history["val_losses"].append([step, validation_loss(net, val, cfg.eval_batch, cfg.dtype)])
+            loss_now = validation_loss(net, val, cfg.eval_batch, cfg.dtype)
+            history["val_losses"].append([step, loss_now])
             log(f"step {step}: validation loss {history['val_losses'][-1][1]:.3f}")
         if lcfg and cfg.save_every and step % cfg.save_every == 0:
             log(f"saved {save_checkpoint(net, lcfg, opt, history, cfg, out_dir)}")
