@@ -101,7 +101,7 @@ def time_limit(seconds: float):
     start = time.monotonic()
 
     def ring(signum, frame):
-        raise TimeLimit(f"past its {seconds:.0f} s limit")
+        raise TimeLimit(f"past its {seconds:g} s limit")
     previous = signal.signal(signal.SIGALRM, ring)
     signal.setitimer(signal.ITIMER_REAL, min(seconds, outer) if outer else seconds)
     try:

@@ -2721,8 +2721,8 @@ def test_bfloat16_training_autocasts_but_keeps_lora_and_adamw_state_float32():
     base, _, examples = tiny_setup()
     losses, nets = {}, {}
     for dtype in ("float32", "bfloat16"):
-        cfg = train.TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup=1, dropout=0.0, log_every=100,
-                                dtype=dtype)
+        cfg = dataclasses.replace(train.parse_args(["--dtype", dtype, "--device", "cpu"]), steps=6,
+                                  batch_size=4, lr=1e-2, warmup=1, dropout=0.0, log_every=100)
         net, _ = train.prepare(copy.deepcopy(base), cfg)
         nets[dtype] = net
         losses[dtype] = train.train(net, examples, cfg, log=lambda s: None)["losses"]
@@ -2768,3 +2768,29 @@ def test_gpu_check_runs_small_on_a_cpu_and_reports_every_part_with_numbers(tmp_p
         assert re.search(r"^\|.* \| [-+.,e\d]+ \|", part, flags=re.M), part     # a row of numbers
     assert "FAIL" not in parts[0] and "within tolerance: PASS" in parts[0]
     assert "LoRA / base GEMM time" in parts[1] and "of its throughput with 2" in parts[2]
+
+
+def test_gpu_check_reports_a_failing_or_overrunning_part_and_runs_the_next(tmp_path, monkeypatch):
+    import gpu_check
+
+    def slow(*args):
+        time.sleep(5)
+
+    def broken(*args):
+        raise RuntimeError("no kernel here")
+
+    def fine(s, device, cfg, write):
+        with pytest.raises(gpu_check.TimeLimit):          # a mode's own limit inside the part's
+            with gpu_check.time_limit(0.05):
+                time.sleep(1)
+        write("| ok | 1 |")
+    monkeypatch.setattr(gpu_check, "PARTS", {"a": ("(a) slow", slow), "b": ("(b) broken", broken),
+                                             "c": ("(c) fine", fine)})
+    out = tmp_path / "check.md"
+    start = time.monotonic()
+    gpu_check.main(gpu_check.CheckConfig(device="cpu", small=True, parts="a,b,c", out=str(out),
+                                         limits="a=0.2,b=5,c=5"))
+    assert time.monotonic() - start < 3
+    report = out.read_text()
+    assert "## (a) slow\n\n\n**stopped**: past its 0.2 s limit" in report
+    assert "**failed**: RuntimeError: no kernel here" in report and "| ok | 1 |" in report
