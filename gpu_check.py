@@ -373,9 +373,13 @@ def run_part(key: str, s: Sizes, device, cfg: CheckConfig, limit: float, write):
 def main(cfg: CheckConfig):
     try:
         device, _ = placement(cfg.device, "bfloat16")
-        limits = {k: float(v) for k, v in (kv.split("=") for kv in cfg.limits.split(","))}
     except ValueError as err:
-        raise SystemExit(f"gpu_check.py: {err if 'device' in str(err) else f'--limits: {err}'}")
+        raise SystemExit(f"gpu_check.py: {err}")
+    try:
+        limits = {k: float(v) for k, v in (kv.split("=") for kv in cfg.limits.split(","))}
+    except ValueError:
+        raise SystemExit(f"gpu_check.py: --limits {cfg.limits!r}: expected part=seconds pairs, "
+                         "comma separated, such as a=90,b=45,c=240,d=45")
     parts = cfg.parts.split(",")
     unknown = [p for p in parts if p not in PARTS or p not in limits]
     if unknown:
