@@ -10,7 +10,7 @@ before the next part runs:
   (b) goals: shrink + expand >= 70% of copy bandwidth; LoRA <= 1/3 of the base GEMM's time
   (c) serve.py's experiment (section 7) on SmolLM2-135M's shape in bfloat16, with 5, 100 and 1000
       adapters, every mode; goal: slora with 1000 adapters >= 90% of its throughput with 5
-  (d) a LoRA training step against a full fine-tuning step (train.py, bfloat16 autocast): LoRA
+  (d) a LoRA training step against a full fine-tuning step (trainer.py, bfloat16 autocast): LoRA
       trains fewer parameters and keeps no optimizer state for the frozen ones (Hu et al. 2021,
       section 4.2)
 Kernel times on a GPU: triton.testing.do_bench, the median of CUDA-event timings with the L2
@@ -39,7 +39,7 @@ import triton.testing
 import cli
 import kernels
 import serve
-import train
+import trainer
 from baselines import ENGINES
 from checkpoints import load_model, placement
 from engine import Engine, EngineConfig
@@ -291,21 +291,21 @@ def part_c(s: Sizes, device, cfg: CheckConfig, write):
 
 # ------------------------------------------------------------------ (d) a training step
 
-def step_seconds(net, cfg: train.TrainConfig, micro, device, repeats: int = 5) -> tuple:
-    """(median seconds of train.train_step after 2 warm-up steps, its last loss)."""
-    opt, times = train.make_optimizer(net, cfg), []
+def step_seconds(net, cfg: trainer.LoopConfig, micro, device, repeats: int = 5) -> tuple:
+    """(median seconds of trainer.train_step after 2 warm-up steps, its last loss)."""
+    opt, times = trainer.make_optimizer(net, cfg), []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in range(2 + repeats):
         sync()
         start = time.perf_counter()
-        loss, _ = train.train_step(net, opt, micro, step, cfg)
+        loss, _ = trainer.train_step(net, opt, micro, step, cfg)
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times[2:])[repeats // 2], loss
 
 
 def part_d(s: Sizes, device, cfg: CheckConfig, write):
-    """train.py's optimizer step, LoRA (r=4 on q, v, the paper's E2E setting) against full
+    """trainer.py's optimizer step, LoRA (r=4 on q, v, the paper's E2E setting) against full
     fine-tuning, on the same batch of random tokens, float32 weights; bfloat16 autocast on a GPU
     (float32 on a CPU, where autocast only slows the tiny model down)."""
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -323,9 +323,9 @@ def part_d(s: Sizes, device, cfg: CheckConfig, write):
     write("| --- | --- | --- | --- | --- |")
     sec = {}
     for method in ("lora", "full"):
-        tcfg = train.TrainConfig(method=method, device=device.type, dtype=dtype, warmup=0,
-                                 lr=2e-4, steps=100, batch_size=B, seq_len=T)
-        net, _ = train.prepare(copy.deepcopy(model), tcfg)
+        tcfg = trainer.LoopConfig(method=method, dtype=dtype, warmup=0, lr=2e-4, steps=100,
+                                  batch_size=B)
+        net, _ = trainer.prepare(copy.deepcopy(model), tcfg)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sec[method], loss = step_seconds(net.train(), tcfg, micro, device)

@@ -38,6 +38,7 @@ import baselines as B  # noqa: E402
 import serve  # noqa: E402
 import tp  # noqa: E402
 import train  # noqa: E402
+import trainer  # noqa: E402
 import decode  # noqa: E402
 import sft_data  # noqa: E402
 from lora import AdapterError, LoRAConfig, read_adapter  # noqa: E402
@@ -648,7 +649,7 @@ def fixed_batch_loss(net, examples):
     tokens, mask, _ = next(sft_data.batches(examples, len(examples), random.Random(0)))
     net.eval()
     with torch.no_grad():
-        return train.lm_loss(net, tokens, mask, 0.0).item()
+        return trainer.lm_loss(net, tokens, mask, 0.0).item()
 
 
 # ------------------------------------------------------------------------------------ data
@@ -751,10 +752,10 @@ def test_malformed_records_are_listed_with_file_line_and_reason_before_any_model
 def test_lora_training_lowers_loss_changes_only_lora_and_reloads(tmp_path):
     base, tok, examples = tiny_setup()
     cfg = train.TrainConfig(steps=40, batch_size=4, lr=3e-2, warmup=2, rank=4, dropout=0.0, log_every=100)
-    net, lcfg = train.prepare(copy.deepcopy(base), cfg)
+    net, lcfg = trainer.prepare(copy.deepcopy(base), cfg)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     loss0 = fixed_batch_loss(net, examples)
-    train.train(net, examples, cfg, log=lambda s: None)
+    trainer.train(net, examples, cfg, log=lambda s: None)
     assert fixed_batch_loss(net, examples) < 0.6 * loss0
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".lora_A." in k or ".lora_B." in k for k in changed)
@@ -774,7 +775,7 @@ def test_lora_training_lowers_loss_changes_only_lora_and_reloads(tmp_path):
 
 def test_full_method_trains_every_weight():
     base, _, _ = tiny_setup()
-    net, lcfg = train.prepare(copy.deepcopy(base), train.TrainConfig(method="full"))
+    net, lcfg = trainer.prepare(copy.deepcopy(base), train.TrainConfig(method="full"))
     trainable, total = train.count_parameters(net)
     assert lcfg is None and trainable == total == sum(p.numel() for p in base.parameters())
 
@@ -817,7 +818,7 @@ def test_cli_flags_come_from_the_config():
 @pytest.mark.skipif(not os.environ.get("LORA_MODEL_PATH"), reason="LORA_MODEL_PATH (the real model) is not set")
 def test_real_model_lora_parameter_count():
     net, tok = train.load_model(os.environ["LORA_MODEL_PATH"])
-    net, _ = train.prepare(net, train.TrainConfig())
+    net, _ = trainer.prepare(net, train.TrainConfig())
     # r=4 on q (576 -> 576) and v (576 -> 192) in 30 layers: A [4, 576] and B [out, 4] each
     assert train.count_parameters(net)[0] == 30 * (4 * 576 + 576 * 4 + 4 * 576 + 192 * 4) == 230_400
     ids, is_target = train.encode_example(tok, "name[Aromi]", "Aromi.", 64)
@@ -930,30 +931,30 @@ def grads(net):
 def test_grad_accumulation_equals_one_big_batch():
     base, _, examples = tiny_setup()
     cfg = train.TrainConfig(dropout=0.0, label_smoothing=0.1)
-    net, _ = train.prepare(copy.deepcopy(base), cfg)
+    net, _ = trainer.prepare(copy.deepcopy(base), cfg)
     randomize_lora(net)                                  # B != 0, so that A gets a gradient too
-    loss_two, _ = train.accumulate(net, [sft_data.collate(examples[:2]), sft_data.collate(examples[2:])], cfg)
+    loss_two, _ = trainer.accumulate(net, [sft_data.collate(examples[:2]), sft_data.collate(examples[2:])], cfg)
     two = grads(net)
     net.zero_grad()
-    loss_one, _ = train.accumulate(net, [sft_data.collate(examples)], cfg)
+    loss_one, _ = trainer.accumulate(net, [sft_data.collate(examples)], cfg)
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(two, grads(net)))
 
 
 def test_gradient_is_clipped_to_max_grad_norm():
     base, _, examples = tiny_setup()
-    net, _ = train.prepare(copy.deepcopy(base), train.TrainConfig(dropout=0.0))
-    _, norm = train.accumulate(net, [sft_data.collate(examples)], train.TrainConfig())    # no clipping
+    net, _ = trainer.prepare(copy.deepcopy(base), train.TrainConfig(dropout=0.0))
+    _, norm = trainer.accumulate(net, [sft_data.collate(examples)], train.TrainConfig())    # no clipping
     unclipped = torch.cat([g.flatten() for g in grads(net)]).norm().item()
     net.zero_grad()
-    _, again = train.accumulate(net, [sft_data.collate(examples)], train.TrainConfig(max_grad_norm=0.01))
+    _, again = trainer.accumulate(net, [sft_data.collate(examples)], train.TrainConfig(max_grad_norm=0.01))
     assert norm == pytest.approx(unclipped, rel=1e-5) and again == pytest.approx(norm, rel=1e-5)
     assert torch.cat([g.flatten() for g in grads(net)]).norm().item() == pytest.approx(0.01, rel=1e-3)
 
 
 def test_all_linear_targets_and_rslora_scale():
     base, _, _ = tiny_setup()
-    net, lcfg = train.prepare(copy.deepcopy(base), train.TrainConfig(targets="all-linear", rank=4, alpha=8,
+    net, lcfg = trainer.prepare(copy.deepcopy(base), train.TrainConfig(targets="all-linear", rank=4, alpha=8,
                                                                       rslora=True))
     assert len(lora_layers(net)) == 7 * 2 and set(lcfg.targets) == set(lora.TARGET_NAMES.values())
     assert all(m.scale == pytest.approx(8 / 2) for m in lora_layers(net).values())   # alpha / sqrt(r)
@@ -2723,17 +2724,17 @@ def test_bfloat16_training_autocasts_but_keeps_lora_and_adamw_state_float32():
     for dtype in ("float32", "bfloat16"):
         cfg = dataclasses.replace(train.parse_args(["--dtype", dtype, "--device", "cpu"]), steps=6,
                                   batch_size=4, lr=1e-2, warmup=1, dropout=0.0, log_every=100)
-        net, _ = train.prepare(copy.deepcopy(base), cfg)
+        net, _ = trainer.prepare(copy.deepcopy(base), cfg)
         nets[dtype] = net
-        losses[dtype] = train.train(net, examples, cfg, log=lambda s: None)["losses"]
+        losses[dtype] = trainer.train(net, examples, cfg, log=lambda s: None)["losses"]
     assert losses["bfloat16"] != losses["float32"]                     # autocast was on
     assert abs(losses["bfloat16"][0] - losses["float32"][0]) < 0.005 * losses["float32"][0]
     assert np.allclose(losses["bfloat16"], losses["float32"], rtol=0.1)  # rounding compounds
     assert losses["bfloat16"][-1] < 0.7 * losses["bfloat16"][0]          # and it still learns
     assert all(p.dtype == torch.float32 for p in nets["bfloat16"].parameters())
-    opt = train.make_optimizer(nets["bfloat16"], cfg)
+    opt = trainer.make_optimizer(nets["bfloat16"], cfg)
     tokens, mask, n = sft_data.collate(examples[:2])
-    train.train_step(nets["bfloat16"], opt, [(tokens, mask, n)], 0, cfg)
+    trainer.train_step(nets["bfloat16"], opt, [(tokens, mask, n)], 0, cfg)
     assert {v.dtype for s in opt.state.values() for k, v in s.items() if k != "step"} == {torch.float32}
 
 

@@ -12,48 +12,44 @@ learns too slowly (loss 3.9 against 3.2 with 1e-3 after 30 steps), so the defaul
 E2E: the prompt is "{mr}\\n", the target " {ref}" + end token, the loss on the target only; outputs
 are decoded by decode.py (greedy, or beam search with --beam) and scored with e2e.py. Your data
 (`--data FILE.jsonl`, prompt/completion or chat records): sft_data.py.
-Training: AdamW, linear warm-up then decay; --grad-accum micro-batches per step, --max-grad-norm,
---val-fraction held out for a validation loss, --save-every / --resume (adapter, optimizer moments
-and RNG state in safetensors and JSON: nothing is unpickled).
+The training loop (AdamW, schedule, --grad-accum, --max-grad-norm, --save-every / --resume) is
+trainer.py; --val-fraction holds examples out for its validation loss.
 On a GPU: --device cuda --dtype bfloat16 (autocast; LoRA parameters and AdamW's state float32);
 --preset paper sets the paper's whole recipe (Table 11), 5 epochs turned into steps from the data.
 Simplified: without trainset.csv the E2E dev split is the training set (said in the output and in
-results.json); --resume restores the CPU random state only; full fine-tuning cannot be resumed.
+results.json).
 Demo: `python train.py` (LoRA on E2E), `python train.py --method full`, `python train.py --adapter
 DIR` (score a saved adapter), `python train.py --data my.jsonl --val-fraction 0.1`, `python
 train.py --sweep --steps 15 --warmup 3 --eval-limit 40 --no-baseline`.
-Letters: B batch, T tokens per row, M target positions, V vocabulary.
 """
 import argparse
 import copy
 import json
 import math
 import os
-import random
 import resource
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 import cli
 from checkpoints import Tokenizer, load_model, placement, save_hf
 from decode import DecodeConfig, generate_outputs
 from e2e import DataError, e2e_metrics, ensure_data, group_refs, read_e2e
-from lora import (TARGET_NAMES, AdapterError, LoRAConfig, add_lora, count_parameters,
-                  load_adapter, mark_only_lora_trainable, read_adapter, save_adapter)
-from sft_data import (RecordError, batches, collate, encode_records, read_records,
-                      split_validation)
+from lora import (TARGET_NAMES, AdapterError, LoRAConfig, count_parameters, load_adapter,
+                  mark_only_lora_trainable, read_adapter, save_adapter)
+from sft_data import RecordError, encode_records, read_records, split_validation
+from trainer import LoopConfig, autocast, prepare, target_names, train, write_json
 
 flag = cli.flag
 
 
 @dataclass
-class TrainConfig(DecodeConfig):
-    """Training and evaluation flags; the decoding flags (--beam, ...) come from DecodeConfig."""
+class TrainConfig(LoopConfig, DecodeConfig):
+    """The command line: the experiment's flags here, the training loop's from trainer.LoopConfig,
+    the decoding flags (--beam, ...) from DecodeConfig."""
     task: str = flag("e2e", "experiment: e2e, the LoRA paper's E2E NLG (Table 3); or --data")
     data: Optional[str] = flag(None, "train on this JSONL file instead of E2E", str)
     e2e_dir: Optional[str] = flag(None, "folder of the E2E CSV files (default $E2E_DATA, else "
@@ -61,42 +57,18 @@ class TrainConfig(DecodeConfig):
     base: Optional[str] = flag(None, "base model: .gguf file or Hugging Face folder (default "
                                "$LORA_MODEL_PATH, else SmolLM2-135M-Instruct)", str)
     out: str = flag("runs/e2e", "output folder: adapter, predictions, results.json")
-    method: str = flag("lora", "lora, or full to fine-tune every weight")
-    rank: int = flag(4, "LoRA rank r")
-    alpha: float = flag(32.0, "LoRA alpha: the update is scaled by alpha / r")
-    rslora: bool = flag(False, "scale the update by alpha / sqrt(r) (rsLoRA) instead of alpha / r")
-    dropout: float = flag(0.1, "dropout on the input of the LoRA path")
-    targets: str = flag("q,v", "adapted projections, comma-separated, from "
-                        + ",".join(TARGET_NAMES) + "; or all-linear")
-    steps: int = flag(100, "optimizer steps")
-    batch_size: int = flag(8, "examples per micro-batch")
-    grad_accum: int = flag(1, "micro-batches per optimizer step (batch: batch-size x grad-accum)")
     seq_len: int = flag(128, "longest example in tokens (longer targets are cut)")
-    lr: float = flag(1e-3, "peak learning rate of AdamW (the paper: 2e-4 over ~26k steps)")
-    weight_decay: float = flag(0.01, "AdamW weight decay")
-    warmup: int = flag(10, "linear warm-up steps, then linear decay to 0")
-    max_grad_norm: float = flag(0.0, "clip the gradient to this norm (0: no clipping)")
-    label_smoothing: float = flag(0.1, "label smoothing of the loss")
-    seed: int = flag(0, "random seed (initialisation, data order, dropout, validation split)")
     val_fraction: float = flag(0.0, "hold out this fraction of the training examples for a "
                                "validation loss")
-    eval_every: int = flag(20, "validation loss every N steps (and after the last)")
-    save_every: int = flag(0, "write a checkpoint-N folder every N steps (0: never)")
-    resume: Optional[str] = flag(None, "continue the run saved in this checkpoint folder", str)
     eval_limit: Optional[int] = flag(None, "score the first N test MRs only (default all 630)", int)
     adapter: Optional[str] = flag(None, "score this saved PEFT adapter instead of training", str)
     no_baseline: bool = flag(False, "do not score the base model without adapter")
     baseline_limit: int = flag(100, "score the base model on the first N evaluated MRs only (its "
                                "outputs never end, so each runs to --max-new-tokens)")
     sweep: bool = flag(False, "rank study: r in 1,2,4,8,64 x targets q; q,v; q,k,v,o")
-    log_every: int = flag(10, "print progress every N steps")
     epochs: Optional[int] = flag(None, "passes over the training set: sets --steps from its size, "
                                  "ceil(epochs x examples / (batch-size x grad-accum))", int)
     device: str = flag("cpu", "cpu or cuda: where the model, the batches and AdamW's state live")
-    dtype: str = flag("float32", "float32, or bfloat16: the forward and the loss under "
-                      "torch.autocast to bfloat16 (matrix products in bfloat16; the weights, LoRA "
-                      "parameters and AdamW's moments stay float32); float16 is refused (it needs "
-                      "loss scaling)")
     preset: Optional[str] = flag(None, "paper: the LoRA paper's E2E recipe (Table 11: r=4, alpha "
                                  "32, q,v, AdamW lr 2e-4, 5 epochs of batch 8, warm-up 500, ...) "
                                  "on cuda in bfloat16, for a GPU; flags given on the command "
@@ -105,13 +77,6 @@ class TrainConfig(DecodeConfig):
 
 class UsageError(ValueError):
     """A flag that cannot work; the message names the flag."""
-
-
-def target_names(targets: str) -> list:
-    """'q,v' -> ['q_proj', 'v_proj'], 'all-linear' -> every projection; [] if not a valid list."""
-    short = list(TARGET_NAMES) if targets == "all-linear" else targets.split(",")
-    valid = short and len(set(short)) == len(short) and set(short) <= set(TARGET_NAMES)
-    return [TARGET_NAMES[t] for t in short] if valid else []
 
 
 FLAG_RULES = {  # flag: (test, what it must be), checked before any data or model work
@@ -203,156 +168,6 @@ def encode_example(tok, mr, ref, seq_len) -> tuple:
     return prompt + target, [False] * len(prompt) + [True] * len(target)
 
 
-# ------------------------------------------------------------------------------------ training
-
-def prepare(net, cfg: TrainConfig):
-    """LoRA (section 4.1): freeze W0, add (alpha/r) B A on the targets (from the checkpoint when
-    resuming); or train every weight."""
-    if cfg.method == "full":
-        for p in net.parameters():
-            p.requires_grad_(True)
-        return net, None
-    lcfg = LoRAConfig(r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.rslora,
-                      targets=tuple(target_names(cfg.targets)))
-    if cfg.resume:
-        load_adapter(net, cfg.resume)
-    else:
-        add_lora(net, lcfg)
-    mark_only_lora_trainable(net)
-    return net, lcfg
-
-
-def autocast(net, dtype: str):
-    """--dtype bfloat16: torch.autocast on net's device, so that matrix products run in bfloat16
-    while the weights, the LoRA parameters and AdamW's moments stay float32; float32: no change."""
-    device = net.lm_head.weight.device.type
-    return torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16")
-
-
-def lm_loss(net, tokens, mask, label_smoothing, reduction="mean"):
-    """Cross-entropy of the next token at the masked (target) positions, with label smoothing."""
-    tokens, mask = tokens.to(net.lm_head.weight.device), mask.to(net.lm_head.weight.device)
-    logits = net(tokens[:, :-1], select=mask)                      # [M, V]: the M target positions
-    return F.cross_entropy(logits.float(), tokens[:, 1:][mask], label_smoothing=label_smoothing,
-                           reduction=reduction)
-
-
-def accumulate(net, micro_batches, cfg: TrainConfig) -> tuple:
-    """The gradient of one optimizer step: the mean loss over every target token of its
-    micro-batches, as if they were one batch, clipped to --max-grad-norm. (loss, norm before
-    clipping)."""
-    n_targets = sum(int(mask.sum()) for _, mask, _ in micro_batches)
-    loss = 0.0
-    for tokens, mask, _ in micro_batches:
-        with autocast(net, cfg.dtype):
-            part = lm_loss(net, tokens, mask, cfg.label_smoothing, "sum") / n_targets
-        part.backward()
-        loss += part.item()
-    params = [p for p in net.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-    return loss, norm.item()
-
-
-def make_optimizer(net, cfg: TrainConfig):
-    """AdamW over the trainable parameters (LoRA's A and B, or every weight)."""
-    return torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
-                             weight_decay=cfg.weight_decay)
-
-
-def train_step(net, opt, micro_batches, step, cfg: TrainConfig) -> tuple:
-    """One optimizer step (step counts from 0): the schedule's rate, the accumulated gradient,
-    AdamW's update. (loss, gradient norm before clipping)."""
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step, cfg)
-    loss, norm = accumulate(net, micro_batches, cfg)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss, norm
-
-
-@torch.no_grad()
-def validation_loss(net, examples, batch_size, dtype="float32") -> float:
-    """Mean cross-entropy (no label smoothing) over every target token of held-out examples."""
-    training, total, count = net.training, 0.0, 0
-    net.eval()
-    for s in range(0, len(examples), batch_size):
-        tokens, mask, _ = collate(examples[s:s + batch_size])
-        with autocast(net, dtype):
-            total += lm_loss(net, tokens, mask, 0.0, "sum").item()
-        count += int(mask.sum())
-    net.train(training)
-    return total / count
-
-
-def lr_at(step, cfg: TrainConfig) -> float:
-    """The paper's schedule: linear warm-up over --warmup steps, then linear decay to 0 at --steps;
-    `step` counts from 0."""
-    warm, decay = (step + 1) / max(cfg.warmup, 1), (cfg.steps - step) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr * min(warm, decay)
-
-
-def save_checkpoint(net, lcfg, opt, history, cfg: TrainConfig, out_dir) -> str:
-    """checkpoint-{step}: the adapter (PEFT files), AdamW's state and the RNG (safetensors), the
-    step, config and losses so far (trainer_state.json): everything --resume needs."""
-    step = len(history["losses"])
-    path = os.path.join(out_dir, f"checkpoint-{step}")
-    save_adapter(net, path, lcfg, net.config.name)
-    state = {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-    save_file({**state, "torch_rng": torch.get_rng_state()}, os.path.join(path, "optimizer.safetensors"))
-    write_json({"config": asdict(cfg), **history}, os.path.join(path, "trainer_state.json"))
-    return path
-
-
-def restore_checkpoint(opt, path) -> dict:
-    """Load AdamW's state and the RNG saved by save_checkpoint; the history (losses) so far."""
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("torch_rng"))
-    state = {}
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        saved = json.load(f)
-    return {"losses": saved["losses"], "val_losses": saved["val_losses"]}
-
-
-def train(net, examples, cfg: TrainConfig, log=print, val=(), lcfg=None, out_dir=None) -> dict:
-    """AdamW, --grad-accum micro-batches per step; validation loss every --eval-every steps; with
-    lcfg, a checkpoint in out_dir every --save-every steps. Prints progress with an ETA."""
-    torch.manual_seed(cfg.seed)
-    opt = make_optimizer(net, cfg)
-    history = restore_checkpoint(opt, cfg.resume) if cfg.resume else {"losses": [], "val_losses": []}
-    first = len(history["losses"])
-    data = batches(examples, cfg.batch_size, random.Random(cfg.seed), skip=first * cfg.grad_accum)
-    net.train()
-    start, n_tokens = time.time(), 0
-    for step in range(first + 1, cfg.steps + 1):
-        micro = [next(data) for _ in range(cfg.grad_accum)]
-        loss, norm = train_step(net, opt, micro, step - 1, cfg)
-        history["losses"].append(loss)
-        n_tokens += sum(n for _, _, n in micro)
-        if val and (step % cfg.eval_every == 0 or step == cfg.steps):
-            loss_now = validation_loss(net, val, cfg.eval_batch, cfg.dtype)
-            history["val_losses"].append([step, loss_now])
-            log(f"step {step}: validation loss {history['val_losses'][-1][1]:.3f}")
-        if lcfg and cfg.save_every and step % cfg.save_every == 0:
-            log(f"saved {save_checkpoint(net, lcfg, opt, history, cfg, out_dir)}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log(progress(step, history["losses"], norm, opt, n_tokens, time.time() - start, first, cfg))
-    net.eval()
-    elapsed = time.time() - start
-    return {**history, "train_time_s": elapsed, "step_s": elapsed / max(cfg.steps - first, 1),
-            "tokens_per_s": n_tokens / max(elapsed, 1e-9)}
-
-
-def progress(step, losses, norm, opt, n_tokens, elapsed, first, cfg: TrainConfig) -> str:
-    recent, done = losses[-cfg.log_every:], step - first
-    return (f"step {step}/{cfg.steps}  loss {sum(recent) / len(recent):.3f}  grad norm {norm:.2f}  "
-            f"lr {opt.param_groups[0]['lr']:.2e}  tok/s {n_tokens / elapsed:.0f}  elapsed "
-            f"{elapsed / 60:.1f} min  remaining {elapsed / done * (cfg.steps - step) / 60:.1f} min")
-
-
 # ------------------------------------------------------------------------------------ experiments
 
 def evaluate(net, tok, groups, cfg: TrainConfig, log=print) -> tuple:
@@ -362,11 +177,6 @@ def evaluate(net, tok, groups, cfg: TrainConfig, log=print) -> tuple:
         outs = generate_outputs(net, tok, [f"{mr}\n" for mr, _ in groups], cfg, log)
     metrics = e2e_metrics(outs, [refs for _, refs in groups])
     return outs, {**metrics, "eval_time_s": time.time() - start}
-
-
-def write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 def write_lines(lines, path):
