@@ -2730,6 +2730,19 @@ def test_shutdown_with_requests_in_flight_ends_each_with_a_reason(http_adapters)
     assert httpd.loop.engine.pool.stats().kv == 0 and not httpd.loop.thread.is_alive()
 
 
+def test_http_benchmark_streams_every_trace_request_with_the_in_process_tokens(capsys):
+    model = tiny_llama(seed=3)
+    t = serve.TraceConfig(adapters=6, rate=100.0, duration=0.2, input_len="2,6", output_len="2,5", ranks="1,2,4")
+    b, e = serve.BenchConfig(), E.EngineConfig(pool_pages=300)
+    local, local_ids = serve.in_process(model, b, t, e)
+    served, served_ids = serve.over_http(model, b, t, e)
+    trace = serve.make_trace(t, model.config.vocab_size)
+    assert local["failed"] == served["failed"] == 0 and len(served_ids) == len(trace) == 20
+    assert served_ids == local_ids and [len(ids) for ids in served_ids] == [r["max_new_tokens"] for r in trace]
+    assert 0 < served["ttft_p50"] <= served["ttft_p90"] and served["tpot_p50"] > 0
+    serve.report_http([{"in process": local, "http": served}])
+    assert f"median {served['req/s'] / local['req/s']:.2f}x" in capsys.readouterr().out
+
 def test_repeated_benchmark_reports_median_and_range_of_each_ratio(capsys):
     runs = [{"slora": {"req/s": s}, "base": {"req/s": b}} for s, b in ((2.0, 4.0), (3.0, 3.0), (1.0, 4.0))]
     serve.report_repeats(runs)
