@@ -229,7 +229,6 @@ def _stack(name, target, which, tensors, n_layers):
     return torch.stack(per_layer)
 
 
-
 class OnDisk(Mapping):
     """target -> packed weights [L, 2r, H] of an adapter that stays in its PEFT directory (the
     weights of a HostAdapter registered by path under a host limit). Listing the targets reads
@@ -302,6 +301,7 @@ def _stamp(name: str, path: str) -> tuple:
     except OSError as e:
         raise AdapterError(f"adapter {name!r}: cannot read its files at {path} (removed after "
                            f"registration?): {e}") from None
+
 
 @dataclass
 class Resident:
