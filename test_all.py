@@ -1848,10 +1848,11 @@ def mixed_requests(n=14, seed=1):
              names[i % 5], 3 + i % 6) for i in range(n)]
 
 
+@pytest.mark.parametrize("host_adapters", [None, 1])   # 1: adapters are read from disk again to load
 @pytest.mark.parametrize("mode", B.ENGINES)
-def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, mode):
+def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, mode, host_adapters):
     base, root = served
-    engine = B.ENGINES[mode](base, None, pool_pages=400)
+    engine = B.ENGINES[mode](base, None, pool_pages=400, host_adapters=host_adapters)
     for name in ADAPTER_SPECS:
         engine.add_adapter(name, str(root / name))
     reqs, ids = mixed_requests(), []
