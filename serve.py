@@ -17,7 +17,9 @@ Trace (section 7.1): n = rate x duration requests, Gamma inter-arrival times wit
 variation cv, adapter popularity drawn from numpy's power distribution with exponent alpha
 (alpha = 1 is uniform, smaller alpha concentrates requests on the first adapters), uniform lengths.
 Synthetic adapters are random rank-r adapters on q, k, v, o; real PEFT adapters join with
-`--adapter name=path`. `--tp N` runs slora and base over N processes (tp.py).
+`--adapter name=path` (`--host-adapters N`: at most N of these in host memory, the others read from
+their files when loaded; the synthetic ones have no files and stay, views of one random bank).
+`--tp N` runs slora and base over N processes (tp.py).
 Simplified: arrivals are replayed on the wall clock of one process; random base weights unless
 `--base` names a checkpoint (the server's default is the real SmolLM2).
 Demo: `python serve.py --adapters 20 --duration 3 --layers 4`; `python serve.py --port 8000`;
