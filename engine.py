@@ -37,7 +37,8 @@ import cli
 import kernels
 from lora import AdapterError
 from model import Batch, Llama, SamplingParams, sample_one
-from paging import HostAdapter, PoolConfig, UnifiedPool, kv_pages, target_widths
+from paging import (HostAdapter, HostStore, OnDisk, PoolConfig, UnifiedPool, kv_pages,
+                    target_widths)
 from scheduler import Request, RequestRejected, ScheduledBatch, Scheduler, SchedulerConfig, State
 
 
@@ -51,6 +52,9 @@ class EngineConfig:
     prefetch: int = cli.flag(4, "adapters of the next waiting requests loaded ahead (sec. 4.2)")
     adapter_reserve: Optional[int] = cli.flag(None, "no-unified only: pages of adapter memory "
                                                     "(default: half the pool)", int)
+    host_adapters: Optional[int] = cli.flag(None, "adapters registered by path kept in host memory "
+                                                  "at most, the others read from their files when "
+                                                  "needed (default: all; synthetic ones stay)", int)
 
     def __post_init__(self):   # checked here, so that no engine starts on a bad option
         rules = {"pool_pages": (_whole(self.pool_pages, 1), "an int >= 1"),
@@ -62,7 +66,9 @@ class EngineConfig:
                  "prefetch": (_whole(self.prefetch, 0), "an int >= 0"),
                  "adapter_reserve": (self.adapter_reserve is None or _whole(self.adapter_reserve, 1)
                                      and self.adapter_reserve < self.pool_pages,
-                                     "None or an int in [1, pool_pages - 1]")}
+                                     "None or an int in [1, pool_pages - 1]"),
+                 "host_adapters": (self.host_adapters is None or _whole(self.host_adapters, 1),
+                                   "None or an int >= 1")}
         problems = [f"{k} = {getattr(self, k)!r}: {rule}" for k, (ok, rule) in rules.items()
                     if not ok]
         if problems:
@@ -132,6 +138,8 @@ class Engine:
         self.adapter_pages: Dict[str, int] = {}     # pool key of each adapter version -> its pages
         self.adapters: Dict[str, str] = {}          # public name -> pool key of its newest version
         self.retired: Set[str] = set()              # older versions, unregistered when unused
+        limit = self.cfg.host_adapters
+        self.host_store = None if limit is None else HostStore(limit)   # None: all in host memory
         sched_cfg = SchedulerConfig(self.cfg.policy, self.cfg.max_prefill_tokens,
                                     ttft_slo=self.cfg.ttft_slo)
         pages_for = partial(kv_pages, tokens_per_page=self.pool.g)   # n tokens -> KV pages
@@ -161,10 +169,15 @@ class Engine:
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, name: str, path: str):
-        """Register a PEFT adapter directory; a bad one raises AdapterError and changes nothing."""
+        """Register a PEFT adapter directory; a bad one raises AdapterError and changes nothing.
+        Under a host limit it is read and checked now, then kept as its files (paging.HostStore)."""
         try:
             cfg = self.model.config
-            self.register(HostAdapter.from_dir(name, path, cfg.n_layers, cfg.dim))
+            if self.host_store is None:
+                adapter = HostAdapter.from_dir(name, path, cfg.n_layers, cfg.dim)
+            else:
+                adapter = self.host_store.open(name, path, cfg.n_layers, cfg.dim)
+            self.register(adapter)
         except (ValueError, KeyError) as e:
             raise AdapterError(f"adapter {name!r} at {path}: {e}") from None
 
@@ -334,7 +347,17 @@ class Engine:
                 "adapters_resident": ("adapters in the pool", len(self.pool.resident)),
                 "adapter_loads": ("adapter copies into the pool", self.loads),
                 "adapter_evictions": ("adapters evicted from the pool",
-                                      self.loads - len(self.pool.resident) - self.dropped)}
+                                      self.loads - len(self.pool.resident) - self.dropped),
+                "adapters_in_host_memory": ("adapters whose weights are in host memory",
+                                            self._in_host_memory()),
+                "adapter_disk_reads": ("adapter directories read (at registration, and again when "
+                                       "a dropped host copy is loaded)",
+                                       0 if self.host_store is None else self.host_store.reads)}
+
+    def _in_host_memory(self) -> int:
+        """Adapters held whole in host memory, and the host copies of those kept as files."""
+        held = sum(not isinstance(a.weights, OnDisk) for a in self.pool.host.values())
+        return held + (0 if self.host_store is None else len(self.host_store.copies))
 
     def cancel(self, rid: int) -> bool:
         """End a waiting or running request now (ABORTED), freeing its pages and adapter

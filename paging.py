@@ -10,7 +10,10 @@ numbers each), so n tokens take 2 ceil(n / g) pages. An adapter of rank r on tar
 takes r pages (row j on page j), B [O, r] is stored as B^T [r, O], r more pages: 2 r T pages for
 T targets, the same pages in every layer.
 
-Every registered adapter stays in host memory (pinned under CUDA). It is copied into the pool
+Every registered adapter stays in host memory (pinned under CUDA), as in S-LoRA, unless a host
+limit N is set: then adapters registered by path keep at most N copies in host memory (HostStore,
+least recently read dropped first) and the others are read from their files when the pool loads
+them, so that disk, not host memory, bounds how many are served. An adapter is copied into the pool
 when a request needs it, stays while a running request uses it (a reference count), and is
 evicted, least recently used first, only when its pages are wanted for KV or another adapter.
 Prefetch (section 4.2) loads the adapters of the next likely requests while the current batch
@@ -25,8 +28,11 @@ Demo: `python paging.py` prints a map of the pool (. free, K kv cache, A adapter
 come and go, and says when and why an adapter is evicted.
 """
 import heapq
+import itertools
 import math
+import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +43,7 @@ from lora import AdapterError, LoRAConfig, peft_key, read_adapter
 
 SERVABLE = ("q_proj", "k_proj", "v_proj", "o_proj")
 KV, ADAPTER = "kv", "adapter"   # the two kinds of page owner
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")   # lora.read_adapter reads them
 
 
 def target_widths(model_cfg) -> Dict[str, int]:
@@ -222,6 +229,80 @@ def _stack(name, target, which, tensors, n_layers):
     return torch.stack(per_layer)
 
 
+class OnDisk(Mapping):
+    """target -> packed weights [L, 2r, H] of an adapter that stays in its PEFT directory (the
+    weights of a HostAdapter registered by path under a host limit). Listing the targets reads
+    nothing; a target's weights come from the store's host copy, read again if it was dropped."""
+
+    def __init__(self, store: "HostStore", serial: int, name: str, path: str,
+                 targets: Tuple[str, ...], shape: Tuple[int, int], stamp: tuple):
+        self.store, self.serial, self.name, self.path = store, serial, name, path
+        self.targets, (self.n_layers, self.dim), self.stamp = targets, shape, stamp
+
+    def __getitem__(self, target: str) -> torch.Tensor:
+        return self.store.fetch(self).weights[target]
+
+    def __iter__(self):
+        return iter(self.targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class HostStore:
+    """Host copies of the adapters registered by path, at most `limit` at once: reading one more
+    drops the least recently read first. A copy is needed only to load the pool (while an adapter
+    is resident, its pages hold it), so any copy may go; 10,000 registered adapters cost the host
+    memory of `limit` of them, and a load whose copy went reads the files again (`reads`)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.reads, self.serials = limit, 0, itertools.count()
+        self.copies: "OrderedDict[int, HostAdapter]" = OrderedDict()   # serial -> copy, LRU first
+
+    def open(self, name: str, path: str, n_layers: int, dim: int) -> HostAdapter:
+        """Registration: read the adapter once with every check of HostAdapter.from_dir (keys,
+        shapes, finite values), so that a bad one is refused now, not at its first request. The
+        copy stays as the most recently read; the returned adapter's weights are OnDisk."""
+        stamp = _stamp(name, path)          # before reading: a change during the read shows later
+        serial = next(self.serials)
+        copy = self._read(serial, name, path, n_layers, dim)
+        disk = OnDisk(self, serial, name, path, copy.targets, (n_layers, dim), stamp)
+        return HostAdapter(name, copy.rank, copy.scale, disk, dict(copy.out))
+
+    def fetch(self, disk: OnDisk) -> HostAdapter:
+        """The host copy of disk's adapter, read from its files if it was dropped; AdapterError
+        if they were changed or removed since registration (only its requests fail)."""
+        if disk.serial in self.copies:
+            self.copies.move_to_end(disk.serial)
+            return self.copies[disk.serial]
+        if _stamp(disk.name, disk.path) != disk.stamp:
+            raise AdapterError(f"adapter {disk.name!r}: the files at {disk.path} changed after "
+                               "registration; register it again to serve the new version")
+        return self._read(disk.serial, disk.name, disk.path, disk.n_layers, disk.dim)
+
+    def drop(self, disk: OnDisk):
+        """Forget the copy of an unregistered adapter."""
+        self.copies.pop(disk.serial, None)
+
+    def _read(self, serial: int, name: str, path: str, n_layers: int, dim: int) -> HostAdapter:
+        while len(self.copies) >= self.limit:   # room first: never more than limit copies
+            self.copies.popitem(last=False)
+        copy = HostAdapter.from_dir(name, path, n_layers, dim)
+        self.reads += 1
+        self.copies[serial] = copy
+        return copy
+
+
+def _stamp(name: str, path: str) -> tuple:
+    """(modification time, size) of the two files of a PEFT directory; a change shows in it."""
+    try:
+        return tuple((s.st_mtime_ns, s.st_size) for s in
+                     (os.stat(os.path.join(path, f)) for f in PEFT_FILES))
+    except OSError as e:
+        raise AdapterError(f"adapter {name!r}: cannot read its files at {path} (removed after "
+                           f"registration?): {e}") from None
+
+
 @dataclass
 class Resident:
     """An adapter copied into the pool: per target its 2r pages (A rows, then B^T rows)."""
@@ -321,7 +402,9 @@ class UnifiedPool:
             raise KeyError(f"adapter {name!r} is not registered")
         if name in self.resident:
             self.evict(name)   # raises if a running request uses it
-        del self.host[name]
+        adapter = self.host.pop(name)
+        if isinstance(adapter.weights, OnDisk):
+            adapter.weights.store.drop(adapter.weights)
 
     def load(self, name: str, keep: frozenset = frozenset()):
         """Copy a registered adapter into pool pages (no-op if resident), one indexed copy per
@@ -331,19 +414,20 @@ class UnifiedPool:
         if name in self.resident:
             return
         ad = self.host[name]
+        weights = {t: ad.weights[t] for t in ad.targets}   # first: a read may fail, no page taken
         flat, n = self._take(ad.n_pages, ADAPTER, keep), 2 * ad.rank
         pages = {t: flat[i * n:(i + 1) * n] for i, t in enumerate(ad.targets)}
         res = Resident(pages)
         if self.copy_stream is None:
             for t in ad.targets:
-                self.tensor[:, pages[t]] = ad.weights[t].to(self.tensor.dtype)   # [L, 2r, H]
+                self.tensor[:, pages[t]] = weights[t].to(self.tensor.dtype)   # [L, 2r, H]
         else:
             # The pages may have been freed by work still queued on the compute stream: wait.
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.tensor.device))
             with torch.cuda.stream(self.copy_stream):
                 for t in ad.targets:
                     idx = torch.tensor(pages[t], device=self.tensor.device)
-                    w = ad.weights[t].to(self.tensor.device, non_blocking=True)
+                    w = weights[t].to(self.tensor.device, non_blocking=True)
                     self.tensor[:, idx] = w.to(self.tensor.dtype)
                 res.ready = torch.cuda.Event()
                 res.ready.record(self.copy_stream)

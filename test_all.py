@@ -1849,10 +1849,11 @@ def mixed_requests(n=14, seed=1):
              names[i % 5], 3 + i % 6) for i in range(n)]
 
 
+@pytest.mark.parametrize("host_adapters", [None, 1])   # 1: adapters are read from disk again to load
 @pytest.mark.parametrize("mode", B.ENGINES)
-def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, mode):
+def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, mode, host_adapters):
     base, root = served
-    engine = B.ENGINES[mode](base, None, pool_pages=400)
+    engine = B.ENGINES[mode](base, None, pool_pages=400, host_adapters=host_adapters)
     for name in ADAPTER_SPECS:
         engine.add_adapter(name, str(root / name))
     reqs, ids = mixed_requests(), []
@@ -1936,6 +1937,69 @@ def test_1000_request_trace_ends_with_every_page_free(served):
     assert engine.pool.stats().kv == 0 and engine.pool.stats().free + engine.pool.stats().adapter == 150
     assert all(res.refs == 0 for res in engine.pool.resident.values())
 
+
+
+HOST_SPECS = {f"h{i}": (1 + i % 3, ("q_proj", "k_proj", "v_proj", "o_proj")[:2 + 2 * (i % 2)]) for i in range(6)}
+# Requests per round, and whether the pool drops every unused adapter before the round. With a host
+# limit of 2 the copies (least recently read first) and the reads go, counted by hand:
+#   registration  h0..h5 read once each: 6 reads, copies [h4, h5]
+#   round 1       h0 read, h1 read, (h0 resident), h2 read: 9 reads, copies [h1, h2]
+#   round 2       pool emptied; h2 copy kept, h5 read, h1 read, h3 read: 12 reads, copies [h1, h3]
+#   round 3       h1 and h3 still resident in the pool; h4 read, h0 read: 14 reads, copies [h4, h0]
+HOST_ROUNDS = [(["h0", "h1", None, "h0", "h2"], False), (["h2", "h5", "h1", "h3"], True),
+               (["h1", "h3", "h4", None, "h0"], False)]
+
+
+def test_host_limit_keeps_n_adapters_in_memory_reads_the_rest_and_changes_no_output(served, tmp_path):
+    base, _ = served
+    root = write_adapters(base, HOST_SPECS, tmp_path)
+    limited = E.Engine(base, None, pool_pages=400, prefetch=0, host_adapters=2)
+    unlimited = E.Engine(base, None, pool_pages=400, prefetch=0)
+    for name in HOST_SPECS:
+        limited.add_adapter(name, str(root / name))
+        unlimited.add_adapter(name, str(root / name))
+    store = limited.host_store
+    assert store.reads == 6 and [c.name for c in store.copies.values()] == ["h4", "h5"]
+    g = torch.Generator().manual_seed(4)
+    for names, empty_pool_first in HOST_ROUNDS:
+        if empty_pool_first:
+            for name in [n for n, res in limited.pool.resident.items() if res.refs == 0]:
+                limited.pool.evict(name)
+        prompts = [torch.randint(0, 259, (3 + i,), generator=g).tolist() for i in range(len(names))]
+        ids = [limited.submit(p, n, 4) for p, n in zip(prompts, names)]
+        while limited.step() or limited.pending():
+            assert len(store.copies) <= 2                          # host memory: never above 2 adapters
+        assert [limited.result(i) for i in ids] == unlimited.generate(prompts, names, 4)
+    assert store.reads == 14 and [c.name for c in store.copies.values()] == ["h4", "h0"]
+    metrics = limited.metrics()
+    assert metrics["adapter_disk_reads"][1] == 14 and metrics["adapters_in_host_memory"][1] == 2
+    assert unlimited.metrics()["adapters_in_host_memory"][1] == 6
+    assert metrics["adapter_loads"][1] == 9                      # 9 pool loads, 8 of them read the disk
+
+
+def test_host_limit_refuses_bad_adapters_at_registration_and_fails_only_requests_of_changed_files(
+        served, tmp_path):
+    base, _ = served
+    specs = {"x": (2, ("q_proj", "v_proj")), "y": (3, ("q_proj",)), "z": (1, ("o_proj",))}
+    root = write_adapters(base, specs, tmp_path)
+    engine = E.Engine(base, None, pool_pages=400, host_adapters=1)
+    for name in specs:
+        engine.add_adapter(name, str(root / name))
+    bad = read_adapter(root / "x")[1]
+    bad[lora.peft_key(1, "v_proj", "lora_A")][0, 0] = float("nan")
+    _write_adapter(tmp_path / "nan", {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}, bad)
+    with pytest.raises(AdapterError, match="NaN"):           # read whole at registration: values checked
+        engine.add_adapter("nan", str(tmp_path / "nan"))
+    assert not engine.has_adapter("nan") and len(engine.host_store.copies) <= 1
+    (root / "x" / "adapter_model.safetensors").unlink()
+    conf = json.loads((root / "y" / "adapter_config.json").read_text())
+    (root / "y" / "adapter_config.json").write_text(json.dumps({**conf, "lora_alpha": 99}))
+    out = engine.generate([[1, 2, 3]] * 4, ["x", "y", "z", None], 3)
+    assert isinstance(out[0], E.Failed) and "removed after registration" in out[0].reason
+    assert isinstance(out[1], E.Failed) and "changed after registration" in out[1].reason
+    assert out[2:] == [merged_alone(base, root, [1, 2, 3], name, 3) for name in ("z", None)]
+    assert engine.pool.stats().adapter == 2 * 1 * 1 and engine.pool.stats().kv == 0   # only z's pages
+    assert engine.remove_adapter("x") == 0 and all(c.name != "x" for c in engine.host_store.copies.values())
 
 # ------------------------------------------------------------------------------ the engine survives bad input, faults
 
@@ -2084,7 +2148,8 @@ def test_an_interrupted_generate_cancels_its_requests_and_cancel_frees_pages(ser
     (dict(adapter_reserve=0), "adapter_reserve = 0"), (dict(pool_pages=9, adapter_reserve=9), "adapter_reserve"),
     (dict(policy="lifo"), "policy = 'lifo'"), (dict(ttft_slo=-1.0), "ttft_slo"),
     (dict(ttft_slo=float("nan")), "ttft_slo"), (dict(prefetch=-1), "prefetch"),
-    (dict(max_prefill_tokens=0), "max_prefill_tokens"), (dict(mode="bmm"), "unexpected keyword argument 'mode'")])
+    (dict(max_prefill_tokens=0), "max_prefill_tokens"), (dict(host_adapters=0), "host_adapters = 0"),
+    (dict(mode="bmm"), "unexpected keyword argument 'mode'")])
 def test_engine_options_are_checked_at_construction(served, options, problem):
     with pytest.raises(ValueError, match=problem):
         E.Engine(served[0], None, **options)
@@ -2483,8 +2548,9 @@ def test_health_models_and_metrics(http):
     m = scrape(url)
     assert {"requests_waiting", "requests_running", "requests_finished", "requests_failed", "tokens_generated",
             "pages_free", "pages_kv", "pages_adapter", "adapters_registered", "adapters_resident",
-            "adapter_loads", "adapter_evictions"} <= set(m)
+            "adapter_loads", "adapter_evictions", "adapters_in_host_memory", "adapter_disk_reads"} <= set(m)
     assert m["requests_finished"] == 1 and m["adapters_registered"] == 8 and m["adapter_loads"] == 1
+    assert m["adapters_in_host_memory"] == 8 and m["adapter_disk_reads"] == 0   # no host limit
     assert m["pages_kv"] == 0 and m["pages_free"] + m["pages_adapter"] == 400
 
 
@@ -2665,6 +2731,19 @@ def test_shutdown_with_requests_in_flight_ends_each_with_a_reason(http_adapters)
     assert any(status == 503 for status, _ in results)
     assert httpd.loop.engine.pool.stats().kv == 0 and not httpd.loop.thread.is_alive()
 
+
+def test_http_benchmark_streams_every_trace_request_with_the_in_process_tokens(capsys):
+    model = tiny_llama(seed=3)
+    t = serve.TraceConfig(adapters=6, rate=100.0, duration=0.2, input_len="2,6", output_len="2,5", ranks="1,2,4")
+    b, e = serve.BenchConfig(), E.EngineConfig(pool_pages=300)
+    local, local_ids = serve.in_process(model, b, t, e)
+    served, served_ids = serve.over_http(model, b, t, e)
+    trace = serve.make_trace(t, model.config.vocab_size)
+    assert local["failed"] == served["failed"] == 0 and len(served_ids) == len(trace) == 20
+    assert served_ids == local_ids and [len(ids) for ids in served_ids] == [r["max_new_tokens"] for r in trace]
+    assert 0 < served["ttft_p50"] <= served["ttft_p90"] and served["tpot_p50"] > 0
+    serve.report_http([{"in process": local, "http": served}])
+    assert f"median {served['req/s'] / local['req/s']:.2f}x" in capsys.readouterr().out
 
 def test_repeated_benchmark_reports_median_and_range_of_each_ratio(capsys):
     runs = [{"slora": {"req/s": s}, "base": {"req/s": b}} for s, b in ((2.0, 4.0), (3.0, 3.0), (1.0, 4.0))]
