@@ -242,7 +242,7 @@ def plan_lora(pool_l, page_ids, a_start, b_start, ranks, scales, seg_starts, seg
                    ("page_ids", page_ids, 0, pool_l.shape[0])]
                   + [(f"{name}{plus}", torch.where(live, start + add, 0), 0, n_ids + 1)
                      for name, start, c in (("a_start", a_start, a_chunks), ("b_start", b_start, b_chunks))
-                     for plus, add in (("", 0), (f" + {c} ranks" if c > 1 else " + ranks", c * ranks))])
+                     for plus, add in (("", 0), (f" + {c} * ranks" if c > 1 else " + ranks", c * ranks))])
     tables = [t.to(torch.int32) for t in (page_ids, a_start, b_start, ranks)]
     seg_starts, seg_adapter = seg_starts.to(torch.int32), seg_adapter.to(torch.int32)
     return LoRAPlan(*tables, scales, seg_starts, seg_adapter, max_rank,
