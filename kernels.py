@@ -104,8 +104,8 @@ HEAD_TILES = (16, 32, 64, 128)   # BLOCK_D: the head dim rounded up to one of th
 @triton.jit
 def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_starts_ptr,
                    seg_adapter_ptr, z_ptr, in_dim, page_width, a_chunks, max_rank, stride_x,
-                   stride_pool, stride_z,
-                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                   stride_pool, stride_z, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_H: tl.constexpr, ONE_PAGE: tl.constexpr):
     seg = tl.program_id(0)
     t = tl.load(seg_starts_ptr + seg) + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = t < tl.load(seg_starts_ptr + seg + 1)
@@ -114,24 +114,40 @@ def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_st
     rank = tl.load(ranks_ptr + a)
     row_ok = j < rank                 # rows past the rank (up to max_rank) get zeros
     first = tl.load(a_start_ptr + a) + j * a_chunks    # in page_ids: chunk 0 of row j of A[a]
+    live = tl.program_id(2) * BLOCK_R < rank           # no live row: no tile
+    x_rows = x_ptr + t[:, None] * stride_x                                            # [BT, 1]
     acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-    c_end = tl.where(tl.program_id(2) * BLOCK_R < rank, tl.cdiv(in_dim, page_width), 0)
-    for c in range(0, c_end):         # chunk c: numbers c H .. of x, page c of each row of A
-        pages = tl.load(page_ids_ptr + first + c, mask=row_ok, other=0).to(tl.int64)    # [BR]
-        width = tl.minimum(page_width, in_dim - c * page_width)    # numbers on this page
-        for h0 in range(0, width, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            h_ok = h < width
-            X = tl.load(x_ptr + t[:, None] * stride_x + c * page_width + h[None, :],
-                        mask=tok_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)  # [BT, BH]
-            A = tl.load(pool_ptr + pages[:, None] * stride_pool + h[None, :],
-                        mask=row_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)  # [BR, BH]
-            if BLOCK_T == 1:
-                acc += tl.sum(X[:, None, :] * A[None, :, :], axis=2)    # [1, 1, BH] * [1, BR, BH]
-            else:
-                acc = tl.dot(X, tl.trans(A), acc, input_precision="ieee")   # [BT, BH] @ [BH, BR]
+    if ONE_PAGE:    # C_A = 1 (q, k, v, o, gate, up): the page of each row looked up once
+        pages = tl.load(page_ids_ptr + first, mask=row_ok, other=0).to(tl.int64)     # [BR]
+        for h0 in range(0, tl.where(live, in_dim, 0), BLOCK_H):
+            acc = _shrink_tile(acc, x_rows, pool_ptr + pages[:, None] * stride_pool,
+                               h0 + tl.arange(0, BLOCK_H), in_dim, tok_ok, row_ok, BLOCK_T)
+    else:           # C_A > 1 (down): tile k on chunk c, numbers c H + h of x, page c of each row
+        per_chunk = tl.cdiv(page_width, BLOCK_H)
+        for k in range(0, tl.where(live, tl.cdiv(in_dim, page_width) * per_chunk, 0)):
+            c = k // per_chunk
+            pages = tl.load(page_ids_ptr + first + c, mask=row_ok, other=0).to(tl.int64)
+            acc = _shrink_tile(acc, x_rows + c * page_width,
+                               pool_ptr + pages[:, None] * stride_pool,
+                               (k % per_chunk) * BLOCK_H + tl.arange(0, BLOCK_H),
+                               tl.minimum(page_width, in_dim - c * page_width), tok_ok, row_ok,
+                               BLOCK_T)
     tl.store(z_ptr + t[:, None] * stride_z + j[None, :], acc,
              mask=tok_ok[:, None] & (j[None, :] < max_rank))
+
+
+@triton.jit
+def _shrink_tile(acc, x_rows, a_rows, h, width, tok_ok, row_ok, BLOCK_T: tl.constexpr):
+    """acc [BT, BR] + X A^T over numbers h [BH] (those < width) of the tokens' rows of x and of
+    the rows of A, given by pointers x_rows [BT, 1] and a_rows [BR, 1]."""
+    h_ok = h < width
+    X = tl.load(x_rows + h[None, :], mask=tok_ok[:, None] & h_ok[None, :],
+                other=0.0).to(tl.float32)                                                 # [BT, BH]
+    A = tl.load(a_rows + h[None, :], mask=row_ok[:, None] & h_ok[None, :],
+                other=0.0).to(tl.float32)                                                 # [BR, BH]
+    if BLOCK_T == 1:
+        return acc + tl.sum(X[:, None, :] * A[None, :, :], axis=2)   # [1, 1, BH] * [1, BR, BH]
+    return tl.dot(X, tl.trans(A), acc, input_precision="ieee")      # [BT, BH] @ [BH, BR]
 
 
 def lora_shrink_ref(x, pool_l, plan):
@@ -290,7 +306,8 @@ def lora_shrink(x, pool_l, plan: LoRAPlan, *, out=None, use_triton: Optional[boo
     _shrink_kernel[grid](x, pool_l, plan.page_ids, plan.a_start, plan.ranks, plan.seg_starts,
                          plan.seg_adapter, z, x.shape[1], pool_l.shape[1], plan.a_chunks,
                          plan.max_rank, x.stride(0), pool_l.stride(0), z.stride(0),
-                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_H=tiles.hidden)
+                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_H=tiles.hidden,
+                         ONE_PAGE=plan.a_chunks == 1)
     return z
 
 
@@ -727,8 +744,9 @@ def kernel_variants():
     """Every launch the engine can make: (label, pool dtype, kernel, constexprs)."""
     for dtype in _TRITON_TYPES:
         for shape, t in (("decode", DECODE_TILES), ("prefill", PREFILL_TILES)):
-            yield f"shrink {shape}", dtype, _shrink_kernel, dict(BLOCK_T=t.tokens, BLOCK_R=t.rank,
-                                                                 BLOCK_H=t.hidden)
+            for one_page, rows in ((True, ""), (False, ", A rows over pages")):   # C_A = 1, > 1
+                yield f"shrink {shape}{rows}", dtype, _shrink_kernel, dict(
+                    BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_H=t.hidden, ONE_PAGE=one_page)
             yield f"expand {shape}", dtype, _expand_kernel, dict(BLOCK_T=t.tokens, BLOCK_R=t.rank,
                                                                  BLOCK_O=t.out)
         for D in HEAD_TILES:
