@@ -41,7 +41,10 @@ Adapters: a row of width W spans C = ceil(W / H) pages, numbers c H .. c H + H -
 numbers c H + h of A row j of slot s are at column h of page page_ids[a_start[s] + j C_A + c],
 those of B^T row j on page page_ids[b_start[s] + j C_B + c], j < ranks[s]; scales[s] = alpha / r.
 q, k, v, o rows fit one page (C_A = C_B = 1). The kernels walk a row chunk by chunk (a page each),
-so one kernel serves every target; paging.py explains the choice of several pages per row.
+so the same two kernels serve every target; each keeps, as a compile-time variant (ONE_PAGE), its
+loop over one page per row for C = 1, so that q, k, v, o compile as they did (shrink: every
+target but down; expand: every target but gate and up).
+paging.py explains the choice of several pages per row over a second page width.
 
 Shape letters: N tokens, H pool width (model dim), P pages, L layers, S adapter slots, r rank of
 one adapter, Rm max rank, I input width, O output width, F ffn_dim, C pages per row (C_A of A,
@@ -58,7 +61,8 @@ place from the pool (an adapter's pages are allocated consecutively): the bytes 
 Simplified: prefill attention runs one program per query token (no query tiling as in
 FlashAttention); tiles are multiplied in float32 (no tensor cores), cheap as r << H.
 Demo: `python kernels.py --small` times the gathered path, the padded-bmm baseline and the base
-GEMM; `python kernels.py --compile` compiles every kernel variant for sm_80 and sm_90 (no GPU
+GEMM (`--in-dim`, `--out-dim`: rows wider than a page, as down, gate and up have);
+`python kernels.py --compile` compiles every kernel variant for sm_80 and sm_90 (no GPU
 needed) and prints registers, spills and shared memory.
 """
 import math
@@ -113,12 +117,12 @@ def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_st
     a = tl.load(seg_adapter_ptr + seg)
     rank = tl.load(ranks_ptr + a)
     row_ok = j < rank                 # rows past the rank (up to max_rank) get zeros
-    first = tl.load(a_start_ptr + a) + j * a_chunks    # in page_ids: chunk 0 of row j of A[a]
+    a0 = tl.load(a_start_ptr + a)     # page_ids[a0 + j C_A + c]: chunk c of row j of A[a]
     live = tl.program_id(2) * BLOCK_R < rank           # no live row: no tile
     x_rows = x_ptr + t[:, None] * stride_x                                            # [BT, 1]
     acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
     if ONE_PAGE:    # C_A = 1 (q, k, v, o, gate, up): the page of each row looked up once
-        pages = tl.load(page_ids_ptr + first, mask=row_ok, other=0).to(tl.int64)     # [BR]
+        pages = tl.load(page_ids_ptr + a0 + j, mask=row_ok, other=0).to(tl.int64)    # [BR]
         for h0 in range(0, tl.where(live, in_dim, 0), BLOCK_H):
             acc = _shrink_tile(acc, x_rows, pool_ptr + pages[:, None] * stride_pool,
                                h0 + tl.arange(0, BLOCK_H), in_dim, tok_ok, row_ok, BLOCK_T)
@@ -126,7 +130,8 @@ def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_st
         per_chunk = tl.cdiv(page_width, BLOCK_H)
         for k in range(0, tl.where(live, tl.cdiv(in_dim, page_width) * per_chunk, 0)):
             c = k // per_chunk
-            pages = tl.load(page_ids_ptr + first + c, mask=row_ok, other=0).to(tl.int64)
+            pages = tl.load(page_ids_ptr + a0 + j * a_chunks + c, mask=row_ok,
+                            other=0).to(tl.int64)
             acc = _shrink_tile(acc, x_rows + c * page_width,
                                pool_ptr + pages[:, None] * stride_pool,
                                (k % per_chunk) * BLOCK_H + tl.arange(0, BLOCK_H),
@@ -162,16 +167,21 @@ def lora_shrink_ref(x, pool_l, plan):
 @triton.jit
 def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales_ptr,
                    seg_starts_ptr, seg_adapter_ptr, out_ptr, out_dim, page_width, b_chunks,
-                   stride_z, stride_pool, stride_out,
-                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+                   stride_z, stride_pool, stride_out, BLOCK_T: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, ONE_PAGE: tl.constexpr):
     seg = tl.program_id(0)
     t = tl.load(seg_starts_ptr + seg) + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = t < tl.load(seg_starts_ptr + seg + 1)
-    per_chunk = tl.cdiv(tl.minimum(out_dim, page_width), BLOCK_O)   # output blocks per page
-    c = tl.program_id(2) // per_chunk                                # this block's chunk
-    h = (tl.program_id(2) % per_chunk) * BLOCK_O + tl.arange(0, BLOCK_O)   # columns of its page
-    o = c * page_width + h                                           # outputs: numbers c H + h
-    o_ok = (h < page_width) & (o < out_dim)
+    if ONE_PAGE:    # C_B = 1 (every target but gate, up): block b of outputs, on each row's page
+        c, row_stride = 0, 1
+        h = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = h < out_dim
+    else:           # C_B > 1 (gate, up): block b of chunk c, numbers c H + h, on page c of a row
+        per_chunk = tl.cdiv(tl.minimum(out_dim, page_width), BLOCK_O)   # output blocks per page
+        c, row_stride = tl.program_id(2) // per_chunk, b_chunks
+        h = (tl.program_id(2) % per_chunk) * BLOCK_O + tl.arange(0, BLOCK_O)   # columns of page
+        o_ok = (h < page_width) & (c * page_width + h < out_dim)
+    o = c * page_width + h                                           # outputs [BO]
     a = tl.load(seg_adapter_ptr + seg)
     rank = tl.load(ranks_ptr + a)
     b0 = tl.load(b_start_ptr + a)
@@ -179,7 +189,8 @@ def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales
     for r0 in range(0, rank, BLOCK_R):    # rank 0 (base model): no iteration, zeros stored
         j = r0 + tl.arange(0, BLOCK_R)
         row_ok = j < rank
-        pages = tl.load(page_ids_ptr + b0 + j * b_chunks + c, mask=row_ok, other=0).to(tl.int64)
+        pages = tl.load(page_ids_ptr + b0 + j * row_stride + c, mask=row_ok,
+                        other=0).to(tl.int64)                       # page c of B^T rows j
         Z = tl.load(z_ptr + t[:, None] * stride_z + j[None, :],
                     mask=tok_ok[:, None] & row_ok[None, :], other=0.0)                # [BT, BR]
         Bt = tl.load(pool_ptr + pages[:, None] * stride_pool + h[None, :],
@@ -205,6 +216,8 @@ def lora_expand_ref(z, pool_l, plan, out_dim):
 def page_rows(pool_l, rows, chunks, width):
     """The adapter rows on pool rows `rows` (C = chunks pages each, in order): [r, width], a view
     of the pool when `rows` is a slice (consecutive pages)."""
+    if chunks == 1:                                                 # a page per row: no reshape
+        return pool_l[rows, :width]
     return pool_l[rows].reshape(-1, chunks * pool_l.shape[1])[:, :width]       # [r C, H] -> [r, W]
 
 
@@ -329,7 +342,8 @@ def lora_expand(z, pool_l, plan: LoRAPlan, out_dim, *, out=None,
     _expand_kernel[grid](z, pool_l, plan.page_ids, plan.b_start, plan.ranks, plan.scales,
                          plan.seg_starts, plan.seg_adapter, delta, out_dim, H, plan.b_chunks,
                          z.stride(0), pool_l.stride(0), delta.stride(0),
-                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_O=tiles.out)
+                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_O=tiles.out,
+                         ONE_PAGE=plan.b_chunks == 1)
     return delta
 
 
@@ -744,11 +758,11 @@ def kernel_variants():
     """Every launch the engine can make: (label, pool dtype, kernel, constexprs)."""
     for dtype in _TRITON_TYPES:
         for shape, t in (("decode", DECODE_TILES), ("prefill", PREFILL_TILES)):
-            for one_page, rows in ((True, ""), (False, ", A rows over pages")):   # C_A = 1, > 1
+            for one_page, rows in ((True, ""), (False, ", rows over pages")):   # C = 1, C > 1
                 yield f"shrink {shape}{rows}", dtype, _shrink_kernel, dict(
                     BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_H=t.hidden, ONE_PAGE=one_page)
-            yield f"expand {shape}", dtype, _expand_kernel, dict(BLOCK_T=t.tokens, BLOCK_R=t.rank,
-                                                                 BLOCK_O=t.out)
+                yield f"expand {shape}{rows}", dtype, _expand_kernel, dict(
+                    BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_O=t.out, ONE_PAGE=one_page)
         for D in HEAD_TILES:
             yield f"attention D<={D}", dtype, _paged_attention_kernel, _attention_tiles(1, D)
 
@@ -786,6 +800,6 @@ if __name__ == "__main__":
         benchmark(cfg)
     for label, dtype, kernel, constexprs in kernel_variants() if cfg.compile else ():
         cells = [compile_for(kernel, dtype, constexprs, arch) for arch in (80, 90)]
-        print(f"{label:<18} {_TRITON_TYPES[dtype]:<5}"
+        print(f"{label:<32} {_TRITON_TYPES[dtype]:<5}"
               + "".join(f" | sm_{a}: regs {r:>3d} spill {s:>3d} smem {m:>6d}"
                         for a, (r, s, m) in zip((80, 90), cells)))

@@ -1498,9 +1498,9 @@ def test_nan_in_free_pages_page_0_and_unused_slots_reaches_no_request(use_triton
 
 
 def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
-    """What the engine can launch (each dtype, decode and prefill tiles, shrink of A rows on one
-    page (q, k, v, o, gate, up) or over several (down), expand and attention for head dims up to
-    128), compiled by Triton's own ptxas without a GPU: every variant for sm_90 and the bfloat16
+    """What the engine can launch (each dtype, decode and prefill tiles, shrink and expand of rows
+    on one page (q, k, v, o) or over several (down's A, gate's and up's B^T), attention for head
+    dims up to 128), compiled by Triton's own ptxas without a GPU: every variant for sm_90 and the bfloat16
     ones for sm_80 (all of sm_80: `python kernels.py --compile`, kept out of the suite for
     time). No register spills, shared memory that fits.
     In a child process: this one runs Triton's interpreter, which cannot compile."""
@@ -1515,8 +1515,8 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
                          cwd=os.path.dirname(os.path.abspath(kernels.__file__)))
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = json.loads(run.stdout.splitlines()[-1])
-    assert len(compiled) == 3 * 3 * 2 + 3 * 4 + 10     # (shrink of A rows on one page or over
-    # several, expand) x 2 shapes, 4 head dims: each dtype on sm_90, bfloat16 also on sm_80
+    assert len(compiled) == 3 * 4 * 2 + 3 * 4 + 12     # (shrink, expand) x (rows on one page, over
+    # several) x 2 shapes, 4 head dims: each dtype on sm_90, bfloat16 also on sm_80
     for label, dtype, arch, (regs, spilled, shared) in compiled:
         assert 0 < regs <= 255 and spilled == 0, (label, dtype, arch, regs, spilled)
         assert shared <= 99 * 1024, (label, dtype, arch, shared)   # fits every sm_80+ GPU
