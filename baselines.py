@@ -89,9 +89,10 @@ class BmmEngine(Engine):
     slora because of that copy each step and the padding of every adapter to the largest rank."""
 
     def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
+        tables = self.pool.kernel_tables(slots.names)
         padded = {target: kernels.pad_adapters(self.pool.tensor, t, self.in_dim[target],
-                                               self.out_dim[target])   # (A [L, S, Rm, I],
-                  for target, t in self.pool.kernel_tables(slots.names).items()}   # Bt [L, S, Rm, O])
+                                               self.out_dim[target])
+                  for target, t in tables.items()}   # target -> (A [L, S, Rm, I], Bt [L, S, Rm, O])
         token_slots = slots.token_slots()
 
         def lora(x, layer, target):
@@ -171,7 +172,7 @@ class MergedEngine(Engine):
 
 
 def _linear(layer, target: str):
-    """The projection `target` of a decoder layer: q, k, v, o in self_attn, gate, up, down in mlp."""
+    """The projection `target` of a layer: q, k, v, o of self_attn, gate, up, down of mlp."""
     return getattr(layer.self_attn if target in ATTENTION else layer.mlp, target)
 
 

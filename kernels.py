@@ -30,7 +30,7 @@ Pool layout, defined here once (paging.py allocates it, model.py and these kerne
     page 12   | column j of B (v_proj) | unused: H - kv_dim numbers    |  B^T [r, kv_dim]: r pages
     page 40   | column j of B (gate_proj), numbers 0 .. H-1            |  B^T [r, F]: r C_B pages,
     page  7   | numbers H .. 2H-1                                      |  C_B = ceil(F / H) per row
-    page 41   | numbers 2H .. F-1    | unused: C_B H - F numbers       |  (down_proj: A [r, F] so)
+    page 41   | numbers 2H .. F-1    | unused: C_B H - F numbers       |  (down: A [r, F] alike)
     (pages of any owner lie anywhere, in any order)
 
 The page lookup. KV: token position p of request i lies in block p // g, on pages
@@ -270,8 +270,10 @@ def plan_lora(pool_l, page_ids, a_start, b_start, ranks, scales, seg_starts, seg
                    ("segment lengths", lengths, 0, math.inf), ("ranks", ranks, 0, max_rank + 1),
                    ("page_ids", page_ids, 0, pool_l.shape[0])]
                   + [(f"{name}{plus}", torch.where(live, start + add, 0), 0, n_ids + 1)
-                     for name, start, c in (("a_start", a_start, a_chunks), ("b_start", b_start, b_chunks))
-                     for plus, add in (("", 0), (f" + {c} * ranks" if c > 1 else " + ranks", c * ranks))])
+                     for name, start, c in (("a_start", a_start, a_chunks),
+                                            ("b_start", b_start, b_chunks))   # rows of C pages
+                     for plus, add in (("", 0), (f" + {c} * ranks" if c > 1 else " + ranks",
+                                                 c * ranks))])
     tables = [t.to(torch.int32) for t in (page_ids, a_start, b_start, ranks)]
     seg_starts, seg_adapter = seg_starts.to(torch.int32), seg_adapter.to(torch.int32)
     return LoRAPlan(*tables, scales, seg_starts, seg_adapter, max_rank,
@@ -387,7 +389,8 @@ def pad_adapters(pool, tables, in_dim, out_dim):
     rows = zip(ranks.tolist(), tables.a_start.tolist(), tables.b_start.tolist(),
                tables.scales.tolist())
     for s, (r, a0, b0, scale) in enumerate(rows):
-        a_pages, b_pages = tables.page_ids[a0:a0 + r * ca].long(), tables.page_ids[b0:b0 + r * cb].long()
+        a_pages = tables.page_ids[a0:a0 + r * ca].long()                       # r C_A pages
+        b_pages = tables.page_ids[b0:b0 + r * cb].long()                       # r C_B pages
         A[:, s, :r] = pool[:, a_pages].reshape(L, r, ca * H)[..., :in_dim]           # [L, r, I]
         Bt[:, s, :r] = pool[:, b_pages].reshape(L, r, cb * H)[..., :out_dim] * scale  # [L, r, O]
     return A, Bt

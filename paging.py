@@ -306,7 +306,7 @@ class Resident:
 class AdapterTables:
     """Kernel-side index tensors of one target (page lookup in kernels.py); slot 0: base model."""
     page_ids: torch.Tensor  # int32 [(C_A + C_B) sum(r)]
-    a_start: torch.Tensor   # int32 [S]: A row j of slot s, chunk c: page_ids[a_start[s] + j C_A + c]
+    a_start: torch.Tensor   # int32 [S]: page_ids[a_start[s] + j C_A + c]: A row j, chunk c
     b_start: torch.Tensor   # int32 [S]: likewise for B^T rows (C_B chunks each)
     ranks: torch.Tensor     # int32 [S]: 0 = slot s does not adapt this target
     scales: torch.Tensor    # float32 [S]
@@ -486,9 +486,10 @@ class UnifiedPool:
                 page_ids += res.pages[t] if r else []
                 ranks.append(r)
                 scales.append(ad.scale if r else 0.0)
-            ints = [torch.tensor(xs, dtype=torch.int32, device=self.tensor.device)
+            dev = self.tensor.device
+            ints = [torch.tensor(xs, dtype=torch.int32, device=dev)
                     for xs in (page_ids, a_start, b_start, ranks)]
-            tables[t] = AdapterTables(*ints, torch.tensor(scales, device=self.tensor.device), ca, cb)
+            tables[t] = AdapterTables(*ints, torch.tensor(scales, device=dev), ca, cb)
         return tables
 
 
@@ -538,6 +539,10 @@ def _demo(cfg: PoolConfig):
     t = pool.kernel_tables(["a", "c"])["v_proj"]
     print(f"kernel tables for v_proj, slots [base, a, c]: ranks {t.ranks.tolist()} a_start "
           f"{t.a_start.tolist()} b_start {t.b_start.tolist()} page_ids {t.page_ids.tolist()}")
+
+
+def _demo_wide_rows(cfg: PoolConfig):
+    """The pages of an adapter on all seven projections: gate, up and down rows span pages."""
     F, H = cfg.ffn_dim, cfg.dim
     m = HostAdapter.random("m", cfg.n_layers, H, target_widths(cfg, SERVABLE), 1,
                            inp={"down_proj": F})
@@ -547,4 +552,6 @@ def _demo(cfg: PoolConfig):
 
 
 if __name__ == "__main__":
-    _demo(*cli.parse([PoolConfig], "Show the unified pool (S-LoRA section 4) at work."))
+    demo_cfg, = cli.parse([PoolConfig], "Show the unified pool (S-LoRA section 4) at work.")
+    _demo(demo_cfg)
+    _demo_wide_rows(demo_cfg)

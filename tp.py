@@ -32,8 +32,10 @@ many pages as on one device (r ceil(I / H) + r ceil(O / H) per target, paging.py
 holding only its rows and columns, from the start of each row. Bytes communicated are
 counted per collective as the size of the tensor it leaves on each device.
 Simplified: greedy sampling only; only the slora mode (and base) is sharded; pages are not made
-narrower per device (an A row of q, k or v still needs all H input features); an error in a step
-ends the group (engine.py survives it on one device; here the peers would wait in collectives).
+narrower per device (an A row of q, k or v still needs all H input features), nor fewer: a
+device's share of a row of gate's or up's B^T or of down's A (ffn_dim / W numbers) fills the
+first of the row's ceil(ffn_dim / H) pages, the last ones stay empty; an error in a step ends the
+group (engine.py survives it on one device; here the peers would wait in collectives).
 Demo: `python serve.py --tp 2 --adapters 100`; `python tp.py --world 2` (what each device holds).
 Letters: W devices, k this device, N tokens of a step, L layers, H model dim, r adapter rank,
 c = ceil(r / W).
@@ -211,7 +213,7 @@ class ShardedEngine(Engine):
         self.comm, self.shard = comm, shard
         self.step_bytes = []                        # (base, lora) bytes of each step
         super().__init__(model, eos_id, **options)
-        self.b_widths = {t: _width(shard.lora_split(t)[2]) for t in self.out_dim}   # its B^T columns
+        self.b_widths = {t: _width(shard.lora_split(t)[2]) for t in self.out_dim}   # its B^T cols
         # o, down: a delta [N, H], zeros but in its columns
         self.out_dim = {**self.b_widths, **{t: model.config.dim for t in ROW_PARALLEL}}
 
