@@ -221,6 +221,9 @@ class HostAdapter:
         H = dim or _page_width(stacked)
         weights, out, inp = {}, {}, {}
         for target, (A, Bt) in stacked.items():
+            if A.shape[1] != cfg.r or Bt.shape[1] != cfg.r:   # the packing would pad or broadcast
+                raise AdapterError(f"adapter {name!r}: {target} has A of {A.shape[1]} rows and B "
+                                   f"of {Bt.shape[1]} columns; the config says r = {cfg.r}")
             _check_widths(name, target, A.shape[2], Bt.shape[2], H, dim)
             inp[target], out[target] = A.shape[2], Bt.shape[2]
             packed = pack(A, Bt, cfg.r, (row_pages(inp[target], H), row_pages(out[target], H)), H)

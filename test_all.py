@@ -1685,6 +1685,8 @@ def test_all_linear_adapter_takes_pages_by_row_width_and_they_hold_its_rows(tmp_
         for i in range(L):
             bad[lora.peft_key(i, "down_proj", "lora_A")] = torch.randn(r, 30)
         pool.register(HostAdapter.from_peft("m2", LoRAConfig(r=r, targets=tuple(widths)), bad, L, H))
+    with pytest.raises(AdapterError, match=r"'m3': q_proj has A of 3 rows and B of 3 columns; .* r = 4"):
+        HostAdapter.from_peft("m3", LoRAConfig(r=4, targets=tuple(widths)), tensors, L, H)   # not padded
 
 
 def test_eviction_only_of_unused_adapters_in_lru_order():
