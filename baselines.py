@@ -14,8 +14,8 @@ idea the baseline lacks:
 Simplified: on a CPU the no-unified LoRA arithmetic is slora's CPU path; only the memory policy
 differs there.
 Demo: `python serve.py --adapters 20 --duration 3 --layers 4 --modes slora,no-unified,bmm,merged`.
-Letters: L layers, H model dim, O output width of a target, S adapter slots of a step, Rm their
-largest rank.
+Letters: L layers, H model dim, I and O input and output width of a target, S adapter slots of a
+step, Rm their largest rank.
 """
 from typing import Callable, Dict, List, NamedTuple, Optional
 
@@ -24,12 +24,12 @@ import torch
 import kernels
 from engine import AdapterSlots, Engine
 from model import Llama
-from paging import HostAdapter
+from paging import ATTENTION, HostAdapter
 from scheduler import Request, ScheduledBatch, State
 
 
 class OwnCopy(NamedTuple):
-    """An adapter in tensors of its own (no unified pool): per target A [L, r, H], B^T [L, r, O]."""
+    """An adapter in tensors of its own (no unified pool): per target A [L, r, I], B^T [L, r, O]."""
     A: Dict[str, torch.Tensor]
     Bt: Dict[str, torch.Tensor]
     scale: float
@@ -85,14 +85,14 @@ class NoUnifiedEngine(Engine):
 
 class BmmEngine(Engine):
     """Baseline with the unified pool but without the gathered kernels: every step copies the
-    step's adapters into zero-padded tensors [S, Rm, H] and runs torch.bmm per token. Slower than
+    step's adapters into zero-padded tensors [S, Rm, I] and runs torch.bmm per token. Slower than
     slora because of that copy each step and the padding of every adapter to the largest rank."""
 
     def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
-        padded = {target: kernels.pad_adapters(self.pool.tensor, t.page_ids, t.a_start, t.b_start,
-                                               t.ranks, t.scales, self.out_dim[target])
-                  for target, t in self.pool.kernel_tables(slots.names).items()
-                  if bool((t.ranks > 0).any())}   # target -> (A [L, S, Rm, H], B^T [L, S, Rm, O])
+        tables = self.pool.kernel_tables(slots.names)
+        padded = {target: kernels.pad_adapters(self.pool.tensor, t, self.in_dim[target],
+                                               self.out_dim[target])
+                  for target, t in tables.items()}   # target -> (A [L, S, Rm, I], Bt [L, S, Rm, O])
         token_slots = slots.token_slots()
 
         def lora(x, layer, target):
@@ -139,18 +139,18 @@ class MergedEngine(Engine):
     def _switch(self):
         """Restore the base weights; merge the adapter of the oldest waiting request and move
         every waiting request of it to the scheduler."""
-        attn = [layer.self_attn for layer in self.model.model.layers]
+        layers = self.model.model.layers
         with torch.no_grad():
             for (i, t), w in self.base_weights.items():
-                getattr(attn[i], t).weight.copy_(w)
+                _linear(layers[i], t).weight.copy_(w)
             self.base_weights, self.merged = {}, None
             if not self.waiting_turn:
                 return
             name = min(self.waiting_turn, key=lambda r: r.arrival).adapter
             if name is not None:
                 ad = self.pool.host[name]
-                for i, t in ((i, t) for i in range(len(attn)) for t in ad.targets):
-                    w = getattr(attn[i], t).weight                                   # [O, H]
+                for i, t in ((i, t) for i in range(len(layers)) for t in ad.targets):
+                    w = _linear(layers[i], t).weight                                 # [O, I]
                     self.base_weights[(i, t)] = w.clone()
                     w += ad.scale * ad.bt(t)[i].T.to(w) @ ad.a(t)[i].to(w)   # (alpha/r) B A
         self.merged = name
@@ -169,6 +169,11 @@ class MergedEngine(Engine):
 
     def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
         return None
+
+
+def _linear(layer, target: str):
+    """The projection `target` of a layer: q, k, v, o of self_attn, gate, up, down of mlp."""
+    return getattr(layer.self_attn if target in ATTENTION else layer.mlp, target)
 
 
 ENGINES = {"slora": Engine, "no-unified": NoUnifiedEngine, "bmm": BmmEngine, "merged": MergedEngine}

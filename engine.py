@@ -20,8 +20,8 @@ Simplified: one thread (the caller steps); a step that raises fails all its requ
 one caused it cannot be known.
 Demo: `python serve.py --adapters 20 --duration 3 --layers 4` replays a trace over every engine.
 Letters: N tokens of a step, R requests of a step, G segments, L layers, P pool pages, H model
-dim, O output width of a target, V vocabulary, S adapter slots of a step (slot 0 = the base
-model), Rm their largest rank.
+dim, I and O input and output width of a target, V vocabulary, S adapter slots of a step (slot
+0 = the base model), Rm their largest rank.
 """
 import math
 import time
@@ -37,8 +37,7 @@ import cli
 import kernels
 from lora import AdapterError
 from model import Batch, Llama, SamplingParams, sample_one
-from paging import (HostAdapter, HostStore, OnDisk, PoolConfig, UnifiedPool, kv_pages,
-                    target_widths)
+from paging import HostAdapter, HostStore, OnDisk, PoolConfig, UnifiedPool, kv_pages, target_shapes
 from scheduler import Request, RequestRejected, ScheduledBatch, Scheduler, SchedulerConfig, State
 
 
@@ -145,7 +144,8 @@ class Engine:
         pages_for = partial(kv_pages, tokens_per_page=self.pool.g)   # n tokens -> KV pages
         self.scheduler = Scheduler(sched_cfg, kv_budget, pages_for, self.adapter_pages,
                                    adapter_budget)
-        self.out_dim = target_widths(model.config)
+        self.in_dim = {t: i for t, (i, _) in target_shapes(model.config).items()}    # I per target
+        self.out_dim = {t: o for t, (_, o) in target_shapes(model.config).items()}   # O per target
         self.requests: Dict[int, Request] = {}
         self.tokens: Dict[int, List[int]] = {}      # request id -> prompt + generated tokens
         self.sampling: Dict[int, SamplingParams] = {}
@@ -225,7 +225,8 @@ class Engine:
         self.pool.register(adapter)
 
     def _pages_of(self, adapter: HostAdapter) -> int:
-        """Pages the adapter takes when loaded: 2 r per target (paging.py)."""
+        """Pages the adapter takes when loaded: r ceil(I / H) + r ceil(O / H) per target
+        (paging.py); 2 r for q, k, v, o."""
         return adapter.n_pages
 
     # ------------------------------------------------------------------ requests
@@ -440,8 +441,9 @@ class Engine:
                       self.pool.block_table([r.id for r in rows]),
                       as_tensor([r.cache_len() for r in rows]), as_tensor(last).long())
         lengths = torch.tensor([r.step_tokens() for r in rows], device=dev)
-        H, host = self.model.config.dim, self.pool.host
-        numbers = sum(host[n].rank * (H + host[n].out[t]) for n in names for t in host[n].targets)
+        host = self.pool.host
+        numbers = sum(host[n].rank * (host[n].in_width(t) + host[n].out[t])
+                      for n in names for t in host[n].targets)
         prefill = any(r.n_generated == 0 for r in rows)
         return batch, AdapterSlots(names, as_tensor(row_slots), lengths, prefill, numbers)
 
@@ -516,14 +518,14 @@ class Engine:
             self.loads += len(self.pool.prefetch([r.adapter for r in waiting if r.adapter]))
 
     def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
-        """The step's LoRA function (x [N, H], layer, target) -> delta [N, O] or None: each
+        """The step's LoRA function (x [N, I], layer, target) -> delta [N, O] or None: each
         target's tables planned once, then every layer reads its pool pages (kernels.py)."""
         seg_starts, seg_adapter = slots.segments()
         plans = {target: kernels.plan_lora(self.pool.tensor[0], t.page_ids, t.a_start, t.b_start,
                                            t.ranks, t.scales, seg_starts, seg_adapter,
-                                           int(t.ranks.max()), per_token=not slots.prefill)
-                 for target, t in self.pool.kernel_tables(slots.names).items()
-                 if bool((t.ranks > 0).any())}
+                                           int(t.ranks.max()), per_token=not slots.prefill,
+                                           a_chunks=t.a_chunks, b_chunks=t.b_chunks)
+                 for target, t in self.pool.kernel_tables(slots.names).items()}
 
         def lora(x, layer, target):
             if target not in plans:

@@ -3,11 +3,13 @@
 S-LoRA (Sheng et al. 2023, arXiv 2311.03285) serves many adapters in one batch. Section 4
 (Unified Paging) keeps the KV cache and the adapter weights in one pool of pages of H numbers;
 section 5 adds the LoRA part of each projection beside the base GEMM with two kernels that
-gather each token's adapter a straight from those scattered pages. For a token's row x [H]:
+gather each token's adapter a straight from those scattered pages. For a token's row x [I]:
 
-    y = x W + scale[a] (x A[a]^T) B[a]^T        A [r, H], B [O, r], scale = alpha / r
-    shrink   z[t, :r] = x[t] A[a]^T                         [H] -> [r], r << H
+    y = x W + scale[a] (x A[a]^T) B[a]^T        A [r, I], B [O, r], scale = alpha / r
+    shrink   z[t, :r] = x[t] A[a]^T                         [I] -> [r], r << I
     expand   y[t]    += scale[a] z[t, :r] B[a]^T            [r] -> [O] (B stored as B^T [r, O])
+
+I = H for q, k, v, o, gate, up and I = F (ffn_dim) for down; O = H, kv_dim or F.
 
 This is LoRA's h = W0 x + (alpha/r) B A x (Hu et al. 2021, eq. 3) written for row vectors (each
 side transposed), as PyTorch stores activations. MBGMV, multi-size batched gather matrix-vector
@@ -26,18 +28,28 @@ Pool layout, defined here once (paging.py allocates it, model.py and these kerne
     page  9   | row j of A (q_proj of adapter 5)                       |  A [r, H]: r pages
     page 30   | column j of B (q_proj), o_proj likewise                |  B^T [r, H]: r pages
     page 12   | column j of B (v_proj) | unused: H - kv_dim numbers    |  B^T [r, kv_dim]: r pages
+    page 40   | column j of B (gate_proj), numbers 0 .. H-1            |  B^T [r, F]: r C_B pages,
+    page  7   | numbers H .. 2H-1                                      |  C_B = ceil(F / H) per row
+    page 41   | numbers 2H .. F-1    | unused: C_B H - F numbers       |  (down: A [r, F] alike)
     (pages of any owner lie anywhere, in any order)
 
 The page lookup. KV: token position p of request i lies in block p // g, on pages
 block_table[i, p // g] = (K page, V page), at column (p % g) kv_dim + h D + d (KV head h, dim d).
 With GQA a page holds the K (or V) of g = nh / nkv tokens, so a KV page wastes nothing; the price
 is on the adapter side, where the B^T pages of k_proj/v_proj use kv_dim of their H numbers.
-Adapters: A row j of slot s is page page_ids[a_start[s] + j], B^T row j is page
-page_ids[b_start[s] + j], j < ranks[s]; scales[s] = alpha / r.
+Adapters: a row of width W spans C = ceil(W / H) pages, numbers c H .. c H + H - 1 on its c-th;
+numbers c H + h of A row j of slot s are at column h of page page_ids[a_start[s] + j C_A + c],
+those of B^T row j on page page_ids[b_start[s] + j C_B + c], j < ranks[s]; scales[s] = alpha / r.
+q, k, v, o rows fit one page (C_A = C_B = 1). The kernels walk a row chunk by chunk (a page each),
+so the same two kernels serve every target; each keeps, as a compile-time variant (ONE_PAGE), its
+loop over one page per row for C = 1, so that q, k, v, o compile as they did (shrink: every
+target but down; expand: every target but gate and up).
+paging.py explains the choice of several pages per row over a second page width.
 
 Shape letters: N tokens, H pool width (model dim), P pages, L layers, S adapter slots, r rank of
-one adapter, Rm max rank, O output width, G segments, T tokens of one segment, R requests, MB
-blocks per request, nh query heads, nkv KV heads, D head dim, g tokens per KV page, n positions.
+one adapter, Rm max rank, I input width, O output width, F ffn_dim, C pages per row (C_A of A,
+C_B of B^T), G segments, T tokens of one segment, R requests, MB blocks per request, nh query
+heads, nkv KV heads, D head dim, g tokens per KV page, n positions.
 
 One interface for every caller: plan_lora checks a step's adapter tables and segments once (one
 host sync) and returns a LoRAPlan; then per layer lora_apply = lora_expand(lora_shrink(x)). Each
@@ -49,7 +61,8 @@ place from the pool (an adapter's pages are allocated consecutively): the bytes 
 Simplified: prefill attention runs one program per query token (no query tiling as in
 FlashAttention); tiles are multiplied in float32 (no tensor cores), cheap as r << H.
 Demo: `python kernels.py --small` times the gathered path, the padded-bmm baseline and the base
-GEMM; `python kernels.py --compile` compiles every kernel variant for sm_80 and sm_90 (no GPU
+GEMM (`--in-dim`, `--out-dim`: rows wider than a page, as down, gate and up have);
+`python kernels.py --compile` compiles every kernel variant for sm_80 and sm_90 (no GPU
 needed) and prints registers, spills and shared memory.
 """
 import math
@@ -94,8 +107,9 @@ HEAD_TILES = (16, 32, 64, 128)   # BLOCK_D: the head dim rounded up to one of th
 # or of outputs (expand); decode makes every token its own segment.
 @triton.jit
 def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_starts_ptr,
-                   seg_adapter_ptr, z_ptr, H, max_rank, stride_x, stride_pool, stride_z,
-                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+                   seg_adapter_ptr, z_ptr, in_dim, page_width, a_chunks, max_rank, stride_x,
+                   stride_pool, stride_z, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_H: tl.constexpr, ONE_PAGE: tl.constexpr):
     seg = tl.program_id(0)
     t = tl.load(seg_starts_ptr + seg) + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = t < tl.load(seg_starts_ptr + seg + 1)
@@ -103,41 +117,71 @@ def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_st
     a = tl.load(seg_adapter_ptr + seg)
     rank = tl.load(ranks_ptr + a)
     row_ok = j < rank                 # rows past the rank (up to max_rank) get zeros
-    pages = tl.load(page_ids_ptr + tl.load(a_start_ptr + a) + j, mask=row_ok, other=0)
-    pages = pages.to(tl.int64)        # rows j of A[a]
+    a0 = tl.load(a_start_ptr + a)     # page_ids[a0 + j C_A + c]: chunk c of row j of A[a]
+    live = tl.program_id(2) * BLOCK_R < rank           # no live row: no tile
+    x_rows = x_ptr + t[:, None] * stride_x                                            # [BT, 1]
     acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-    h_end = tl.where(tl.program_id(2) * BLOCK_R < rank, H, 0)   # no live row: skip the loop
-    for h0 in range(0, h_end, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        X = tl.load(x_ptr + t[:, None] * stride_x + h[None, :],
-                    mask=tok_ok[:, None] & (h[None, :] < H), other=0.0).to(tl.float32)  # [BT, BH]
-        A = tl.load(pool_ptr + pages[:, None] * stride_pool + h[None, :],
-                    mask=row_ok[:, None] & (h[None, :] < H), other=0.0).to(tl.float32)  # [BR, BH]
-        if BLOCK_T == 1:
-            acc += tl.sum(X[:, None, :] * A[None, :, :], axis=2)    # [1, 1, BH] * [1, BR, BH]
-        else:
-            acc = tl.dot(X, tl.trans(A), acc, input_precision="ieee")   # [BT, BH] @ [BH, BR]
+    if ONE_PAGE:    # C_A = 1 (q, k, v, o, gate, up): the page of each row looked up once
+        pages = tl.load(page_ids_ptr + a0 + j, mask=row_ok, other=0).to(tl.int64)    # [BR]
+        for h0 in range(0, tl.where(live, in_dim, 0), BLOCK_H):
+            acc = _shrink_tile(acc, x_rows, pool_ptr + pages[:, None] * stride_pool,
+                               h0 + tl.arange(0, BLOCK_H), in_dim, tok_ok, row_ok, BLOCK_T)
+    else:           # C_A > 1 (down): tile k on chunk c, numbers c H + h of x, page c of each row
+        per_chunk = tl.cdiv(page_width, BLOCK_H)
+        for k in range(0, tl.where(live, tl.cdiv(in_dim, page_width) * per_chunk, 0)):
+            c = k // per_chunk
+            pages = tl.load(page_ids_ptr + a0 + j * a_chunks + c, mask=row_ok,
+                            other=0).to(tl.int64)
+            acc = _shrink_tile(acc, x_rows + c * page_width,
+                               pool_ptr + pages[:, None] * stride_pool,
+                               (k % per_chunk) * BLOCK_H + tl.arange(0, BLOCK_H),
+                               tl.minimum(page_width, in_dim - c * page_width), tok_ok, row_ok,
+                               BLOCK_T)
     tl.store(z_ptr + t[:, None] * stride_z + j[None, :], acc,
              mask=tok_ok[:, None] & (j[None, :] < max_rank))
+
+
+@triton.jit
+def _shrink_tile(acc, x_rows, a_rows, h, width, tok_ok, row_ok, BLOCK_T: tl.constexpr):
+    """acc [BT, BR] + X A^T over numbers h [BH] (those < width) of the tokens' rows of x and of
+    the rows of A, given by pointers x_rows [BT, 1] and a_rows [BR, 1]."""
+    h_ok = h < width
+    X = tl.load(x_rows + h[None, :], mask=tok_ok[:, None] & h_ok[None, :],
+                other=0.0).to(tl.float32)                                                 # [BT, BH]
+    A = tl.load(a_rows + h[None, :], mask=row_ok[:, None] & h_ok[None, :],
+                other=0.0).to(tl.float32)                                                 # [BR, BH]
+    if BLOCK_T == 1:
+        return acc + tl.sum(X[:, None, :] * A[None, :, :], axis=2)   # [1, 1, BH] * [1, BR, BH]
+    return tl.dot(X, tl.trans(A), acc, input_precision="ieee")      # [BT, BH] @ [BH, BR]
 
 
 def lora_shrink_ref(x, pool_l, plan):
     """z [N, Rm] float32: z[t, :r] = x[t] A[a]^T per run of tokens of adapter a, else zeros."""
     z = torch.zeros(x.shape[0], plan.max_rank, dtype=torch.float32, device=x.device)
     for t0, t1, a_rows, _, _ in plan.runs:
-        A = pool_l[a_rows].float()                                                     # [r, H]
-        z[t0:t1, :A.shape[0]] = x[t0:t1].float() @ A.T                          # [T, H] @ [H, r]
+        A = page_rows(pool_l, a_rows, plan.a_chunks, x.shape[1]).float()               # [r, I]
+        z[t0:t1, :A.shape[0]] = x[t0:t1].float() @ A.T                          # [T, I] @ [I, r]
     return z
 
 
 @triton.jit
 def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales_ptr,
-                   seg_starts_ptr, seg_adapter_ptr, out_ptr, out_dim, stride_z, stride_pool,
-                   stride_out, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr):
+                   seg_starts_ptr, seg_adapter_ptr, out_ptr, out_dim, page_width, b_chunks,
+                   stride_z, stride_pool, stride_out, BLOCK_T: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, ONE_PAGE: tl.constexpr):
     seg = tl.program_id(0)
     t = tl.load(seg_starts_ptr + seg) + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = t < tl.load(seg_starts_ptr + seg + 1)
-    o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+    if ONE_PAGE:    # C_B = 1 (every target but gate, up): block b of outputs, on each row's page
+        c, row_stride = 0, 1
+        h = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = h < out_dim
+    else:           # C_B > 1 (gate, up): block b of chunk c, numbers c H + h, on page c of a row
+        per_chunk = tl.cdiv(tl.minimum(out_dim, page_width), BLOCK_O)   # output blocks per page
+        c, row_stride = tl.program_id(2) // per_chunk, b_chunks
+        h = (tl.program_id(2) % per_chunk) * BLOCK_O + tl.arange(0, BLOCK_O)   # columns of page
+        o_ok = (h < page_width) & (c * page_width + h < out_dim)
+    o = c * page_width + h                                           # outputs [BO]
     a = tl.load(seg_adapter_ptr + seg)
     rank = tl.load(ranks_ptr + a)
     b0 = tl.load(b_start_ptr + a)
@@ -145,27 +189,36 @@ def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales
     for r0 in range(0, rank, BLOCK_R):    # rank 0 (base model): no iteration, zeros stored
         j = r0 + tl.arange(0, BLOCK_R)
         row_ok = j < rank
-        pages = tl.load(page_ids_ptr + b0 + j, mask=row_ok, other=0).to(tl.int64)  # B^T rows
+        pages = tl.load(page_ids_ptr + b0 + j * row_stride + c, mask=row_ok,
+                        other=0).to(tl.int64)                       # page c of B^T rows j
         Z = tl.load(z_ptr + t[:, None] * stride_z + j[None, :],
                     mask=tok_ok[:, None] & row_ok[None, :], other=0.0)                # [BT, BR]
-        Bt = tl.load(pool_ptr + pages[:, None] * stride_pool + o[None, :],
-                     mask=row_ok[:, None] & (o[None, :] < out_dim), other=0.0).to(tl.float32)
+        Bt = tl.load(pool_ptr + pages[:, None] * stride_pool + h[None, :],
+                     mask=row_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)  # [BR, BO]
         if BLOCK_T == 1:
             acc += tl.sum(Z[:, :, None] * Bt[None, :, :], axis=1)   # [1, BR, 1] * [1, BR, BO]
         else:
             acc = tl.dot(Z, Bt, acc, input_precision="ieee")      # [BT, BR] @ [BR, BO]
     acc = acc * tl.load(scales_ptr + a)
     tl.store(out_ptr + t[:, None] * stride_out + o[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=tok_ok[:, None] & (o[None, :] < out_dim))
+             mask=tok_ok[:, None] & o_ok[None, :])
 
 
 def lora_expand_ref(z, pool_l, plan, out_dim):
     """delta [N, O] in the pool's dtype: delta[t] = scale[a] z[t, :r] B[a]^T, else zeros."""
     delta = torch.zeros(z.shape[0], out_dim, dtype=torch.float32, device=z.device)
     for t0, t1, _, b_rows, scale in plan.runs:
-        Bt = pool_l[b_rows, :out_dim].float()                                          # [r, O]
+        Bt = page_rows(pool_l, b_rows, plan.b_chunks, out_dim).float()                 # [r, O]
         delta[t0:t1] = scale * (z[t0:t1, :Bt.shape[0]] @ Bt)                    # [T, r] @ [r, O]
     return delta.to(pool_l.dtype)
+
+
+def page_rows(pool_l, rows, chunks, width):
+    """The adapter rows on pool rows `rows` (C = chunks pages each, in order): [r, width], a view
+    of the pool when `rows` is a slice (consecutive pages)."""
+    if chunks == 1:                                                 # a page per row: no reshape
+        return pool_l[rows, :width]
+    return pool_l[rows].reshape(-1, chunks * pool_l.shape[1])[:, :width]       # [r C, H] -> [r, W]
 
 
 # ---------------------------------------------------------------- one step's plan, checked once
@@ -173,7 +226,7 @@ def lora_expand_ref(z, pool_l, plan, out_dim):
 class LoRAPlan:
     """One step's LoRA work for one target, checked once by plan_lora, then run for each of the
     L layers (checking every call would cost a host sync per layer and target)."""
-    page_ids: torch.Tensor     # int32 [2 sum(r)]: the adapter tables (page lookup above)
+    page_ids: torch.Tensor     # int32 [(C_A + C_B) sum(r)]: the adapter tables (lookup above)
     a_start: torch.Tensor      # int32 [S]
     b_start: torch.Tensor      # int32 [S]
     ranks: torch.Tensor        # int32 [S]
@@ -186,6 +239,8 @@ class LoRAPlan:
     runs: list                 # the CPU's work: (t0, t1, A rows, B^T rows, scale), see _runs
     n_pages: int               # P of the pool it was checked against
     n_tokens: int              # N
+    a_chunks: int = 1          # C_A, pages per row of A (1: q, k, v, o, gate, up)
+    b_chunks: int = 1          # C_B, pages per row of B^T (1: q, k, v, o, down)
 
 
 def segment_starts(lengths):
@@ -194,9 +249,10 @@ def segment_starts(lengths):
 
 
 def plan_lora(pool_l, page_ids, a_start, b_start, ranks, scales, seg_starts, seg_adapter, max_rank,
-              per_token=False) -> LoRAPlan:
+              per_token=False, a_chunks=1, b_chunks=1) -> LoRAPlan:
     """Check a step's adapter tables and segments against the pool (any layer pool_l [P, H]),
-    every index in one host sync; per_token picks the decode tiles (MBGMV), else MBGMM's."""
+    every index in one host sync; per_token picks the decode tiles (MBGMV), else MBGMM's;
+    a_chunks and b_chunks (C_A, C_B) are the pages per row of A and of B^T."""
     dev = pool_l.device
     _check_tensor("ranks", ranks, 1, _INTS, dev)
     _check_tensor("seg_adapter", seg_adapter, 1, _INTS, dev)
@@ -205,28 +261,32 @@ def plan_lora(pool_l, page_ids, a_start, b_start, ranks, scales, seg_starts, seg
             ("b_start", b_start, ranks.shape[0], _INTS), ("scales", scales, ranks.shape[0], _F32),
             ("seg_starts", seg_starts, seg_adapter.shape[0] + 1, _INTS)):
         _check_tensor(name, t, 1, dtypes, dev, length)
-    if not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+    for name, n in (("max_rank", max_rank), ("a_chunks", a_chunks), ("b_chunks", b_chunks)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
     lengths, live, n_ids = seg_starts[1:] - seg_starts[:-1], ranks > 0, page_ids.shape[0]
     _check_ranges([("seg_adapter", seg_adapter, 0, ranks.shape[0]),
                    ("seg_starts[0]", seg_starts[:1], 0, 1),
                    ("segment lengths", lengths, 0, math.inf), ("ranks", ranks, 0, max_rank + 1),
                    ("page_ids", page_ids, 0, pool_l.shape[0])]
                   + [(f"{name}{plus}", torch.where(live, start + add, 0), 0, n_ids + 1)
-                     for name, start in (("a_start", a_start), ("b_start", b_start))
-                     for plus, add in (("", 0), (" + ranks", ranks))])
+                     for name, start, c in (("a_start", a_start, a_chunks),
+                                            ("b_start", b_start, b_chunks))   # rows of C pages
+                     for plus, add in (("", 0), (f" + {c} * ranks" if c > 1 else " + ranks",
+                                                 c * ranks))])
     tables = [t.to(torch.int32) for t in (page_ids, a_start, b_start, ranks)]
     seg_starts, seg_adapter = seg_starts.to(torch.int32), seg_adapter.to(torch.int32)
     return LoRAPlan(*tables, scales, seg_starts, seg_adapter, max_rank,
                     int(lengths.max()) if lengths.numel() else 0,
                     DECODE_TILES if per_token else PREFILL_TILES,
-                    _runs(*tables, scales, seg_starts, seg_adapter), pool_l.shape[0],
-                    int(seg_starts[-1]))
+                    _runs(*tables, scales, seg_starts, seg_adapter, (a_chunks, b_chunks)),
+                    pool_l.shape[0], int(seg_starts[-1]), a_chunks, b_chunks)
 
 
-def _runs(page_ids, a_start, b_start, ranks, scales, seg_starts, seg_adapter):
+def _runs(page_ids, a_start, b_start, ranks, scales, seg_starts, seg_adapter, chunks):
     """(t0, t1, A rows, B^T rows, scale) for each stretch of tokens t0..t1-1 of one adapter:
-    neighbouring segments of the same adapter joined, base-model stretches dropped."""
+    neighbouring segments of the same adapter joined, base-model stretches dropped; the rows are
+    the r C pool rows (pages) of A, resp. B^T, chunks = (C_A, C_B)."""
     pages, bounds = page_ids.tolist(), seg_starts.tolist()
     a0, b0, rank, scale = (t.tolist() for t in (a_start, b_start, ranks, scales))
     joined = []                                                    # [t0, t1, slot]
@@ -235,20 +295,22 @@ def _runs(page_ids, a_start, b_start, ranks, scales, seg_starts, seg_adapter):
             joined[-1][1] = bounds[i + 1]
         else:
             joined.append([bounds[i], bounds[i + 1], s])
-    return [(t0, t1, _rows(pages, a0[s], rank[s]), _rows(pages, b0[s], rank[s]), scale[s])
+    (ca, cb) = chunks
+    return [(t0, t1, _rows(pages, a0[s], rank[s] * ca), _rows(pages, b0[s], rank[s] * cb), scale[s])
             for t0, t1, s in joined if rank[s] and t1 > t0]
 
 
-def _rows(page_list, start, r):
-    """Index of the r pool rows on pages page_list[start:start + r]: a slice (pool_l[rows] is a
+def _rows(page_list, start, n):
+    """Index of the n pool rows on pages page_list[start:start + n]: a slice (pool_l[rows] is a
     view) when the pages are consecutive, as the pool allocates them, else the page list."""
-    first, run = page_list[start], page_list[start:start + r]
-    return slice(first, first + r) if run == list(range(first, first + r)) else run
+    first, run = page_list[start], page_list[start:start + n]
+    return slice(first, first + n) if run == list(range(first, first + n)) else run
 
 
 # ---------------------------------------------------------------- the interface
 def lora_shrink(x, pool_l, plan: LoRAPlan, *, out=None, use_triton: Optional[bool] = None):
-    """x [N, H] -> z [N, Rm] float32 with z[t, :r] = x[t] A[a]^T (MBGMV or MBGMM by the plan)."""
+    """x [N, I] -> z [N, Rm] float32 with z[t, :r] = x[t] A[a]^T (MBGMV or MBGMM by the plan);
+    A's first I numbers are read (I <= C_A H: under tensor parallelism a device's share)."""
     _check_x(x, pool_l, plan)
     z = _output(out, (x.shape[0], plan.max_rank), torch.float32, x.device)
     if not _want_triton(use_triton, x):
@@ -257,9 +319,10 @@ def lora_shrink(x, pool_l, plan: LoRAPlan, *, out=None, use_triton: Optional[boo
     grid = (plan.seg_adapter.shape[0], triton.cdiv(max(plan.longest, 1), tiles.tokens),
             triton.cdiv(plan.max_rank, tiles.rank))
     _shrink_kernel[grid](x, pool_l, plan.page_ids, plan.a_start, plan.ranks, plan.seg_starts,
-                         plan.seg_adapter, z, x.shape[1], plan.max_rank, x.stride(0),
-                         pool_l.stride(0), z.stride(0),
-                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_H=tiles.hidden)
+                         plan.seg_adapter, z, x.shape[1], pool_l.shape[1], plan.a_chunks,
+                         plan.max_rank, x.stride(0), pool_l.stride(0), z.stride(0),
+                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_H=tiles.hidden,
+                         ONE_PAGE=plan.a_chunks == 1)
     return z
 
 
@@ -274,30 +337,35 @@ def lora_expand(z, pool_l, plan: LoRAPlan, out_dim, *, out=None,
     delta = _output(out, (z.shape[0], out_dim), pool_l.dtype, z.device)
     if not _want_triton(use_triton, z):
         return delta.copy_(lora_expand_ref(z, pool_l, plan, out_dim))
-    tiles, z = plan.tiles, z.contiguous()
+    tiles, z, H = plan.tiles, z.contiguous(), pool_l.shape[1]
+    per_chunk = triton.cdiv(min(out_dim, H), tiles.out)   # output blocks per page; O <= H: as one
     grid = (plan.seg_adapter.shape[0], triton.cdiv(max(plan.longest, 1), tiles.tokens),
-            triton.cdiv(out_dim, tiles.out))
+            triton.cdiv(out_dim, H) * per_chunk)
     _expand_kernel[grid](z, pool_l, plan.page_ids, plan.b_start, plan.ranks, plan.scales,
-                         plan.seg_starts, plan.seg_adapter, delta, out_dim, z.stride(0),
-                         pool_l.stride(0), delta.stride(0),
-                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_O=tiles.out)
+                         plan.seg_starts, plan.seg_adapter, delta, out_dim, H, plan.b_chunks,
+                         z.stride(0), pool_l.stride(0), delta.stride(0),
+                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_O=tiles.out,
+                         ONE_PAGE=plan.b_chunks == 1)
     return delta
 
 
 def lora_apply(x, pool_l, plan: LoRAPlan, out_dim, use_triton: Optional[bool] = None):
-    """delta [N, O] = scale[a] (x A[a]^T) B[a]^T for x [N, H] of one layer: shrink then expand
+    """delta [N, O] = scale[a] (x A[a]^T) B[a]^T for x [N, I] of one layer: shrink then expand
     on a GPU; on a CPU lora_runs over views of the pool rows."""
     if _want_triton(use_triton, x):
         z = lora_shrink(x, pool_l, plan, use_triton=True)
         return lora_expand(z, pool_l, plan, out_dim, use_triton=True)
     _check_x(x, pool_l, plan, out_dim)
-    runs = [(t0, t1, pool_l[a], pool_l[b, :out_dim], scale) for t0, t1, a, b, scale in plan.runs]
+    I = x.shape[1]
+    runs = [(t0, t1, page_rows(pool_l, a, plan.a_chunks, I),
+             page_rows(pool_l, b, plan.b_chunks, out_dim), scale)
+            for t0, t1, a, b, scale in plan.runs]
     delta = lora_runs(x, runs, out_dim)
     return x.new_zeros(x.shape[0], out_dim) if delta is None else delta
 
 
 def lora_runs(x, runs, out_dim):
-    """delta [N, O] with delta[t0:t1] = scale (x[t0:t1] A^T) Bt for each run (t0, t1, A [r, H],
+    """delta [N, O] with delta[t0:t1] = scale (x[t0:t1] A^T) Bt for each run (t0, t1, A [r, I],
     Bt [r, O], scale), zeros elsewhere, in x's dtype (products in float32); None if no runs."""
     if not runs:
         return None
@@ -309,24 +377,30 @@ def lora_runs(x, runs, out_dim):
 
 
 # ---------------------------------------------------------------- the padded-bmm baseline
-def pad_adapters(pool, page_ids, a_start, b_start, ranks, scales, out_dim):
+def pad_adapters(pool, tables, in_dim, out_dim):
     """The copy S-LoRA avoids: every slot's A and B^T from its pages into zero-padded tensors,
-    pool [L, P, H] -> A [L, S, Rm, H], Bt [L, S, Rm, O], each slot's scale folded into Bt."""
+    pool [L, P, H] -> A [L, S, Rm, I], Bt [L, S, Rm, O], each slot's scale folded into Bt.
+    tables: one target's page_ids, a_start, b_start, ranks, scales, a_chunks and b_chunks
+    (paging.AdapterTables, or a LoRAPlan)."""
     L, _, H = pool.shape
+    ranks, (ca, cb) = tables.ranks, (tables.a_chunks, tables.b_chunks)
     S, Rm = ranks.shape[0], int(ranks.max()) if ranks.numel() else 0
-    A, Bt = pool.new_zeros(L, S, Rm, H), pool.new_zeros(L, S, Rm, out_dim)
-    tables = zip(ranks.tolist(), a_start.tolist(), b_start.tolist(), scales.tolist())
-    for s, (r, a0, b0, scale) in enumerate(tables):
-        A[:, s, :r] = pool[:, page_ids[a0:a0 + r].long()]                             # [L, r, H]
-        Bt[:, s, :r] = pool[:, page_ids[b0:b0 + r].long(), :out_dim] * scale          # [L, r, O]
+    A, Bt = pool.new_zeros(L, S, Rm, in_dim), pool.new_zeros(L, S, Rm, out_dim)
+    rows = zip(ranks.tolist(), tables.a_start.tolist(), tables.b_start.tolist(),
+               tables.scales.tolist())
+    for s, (r, a0, b0, scale) in enumerate(rows):
+        a_pages = tables.page_ids[a0:a0 + r * ca].long()                       # r C_A pages
+        b_pages = tables.page_ids[b0:b0 + r * cb].long()                       # r C_B pages
+        A[:, s, :r] = pool[:, a_pages].reshape(L, r, ca * H)[..., :in_dim]           # [L, r, I]
+        Bt[:, s, :r] = pool[:, b_pages].reshape(L, r, cb * H)[..., :out_dim] * scale  # [L, r, O]
     return A, Bt
 
 
 def bmm_lora(x, A_l, Bt_l, slots):
-    """x [N, H], one layer's padded A_l [S, Rm, H] and Bt_l [S, Rm, O], slots [N] -> [N, O]:
+    """x [N, I], one layer's padded A_l [S, Rm, I] and Bt_l [S, Rm, O], slots [N] -> [N, O]:
     each token's adapter gathered (another copy), then two torch.bmm over the padded rank."""
     idx = slots.long()
-    z = torch.bmm(x[:, None, :], A_l[idx].transpose(1, 2))                # [N, 1, H] @ [N, H, Rm]
+    z = torch.bmm(x[:, None, :], A_l[idx].transpose(1, 2))                # [N, 1, I] @ [N, I, Rm]
     return torch.bmm(z, Bt_l[idx])[:, 0]                                  # [N, 1, Rm] @ [N, Rm, O]
 
 
@@ -530,7 +604,7 @@ def _check_pool(pool_l, plan, out_dim=None):
     _check_tensor("pool_l", pool_l, 2, _FLOATS, plan.page_ids.device)
     if pool_l.shape[0] != plan.n_pages:
         raise ValueError(f"pool_l has {pool_l.shape[0]} pages, the plan {plan.n_pages}")
-    width = pool_l.shape[1]
+    width = plan.b_chunks * pool_l.shape[1]       # C_B pages of H numbers per row of B^T
     if out_dim is not None and (not isinstance(out_dim, int) or not 1 <= out_dim <= width):
         raise ValueError(f"out_dim must be an int in [1, {width}], got {out_dim!r}")
 
@@ -538,9 +612,11 @@ def _check_pool(pool_l, plan, out_dim=None):
 def _check_x(x, pool_l, plan, out_dim=None):
     _check_pool(pool_l, plan, out_dim)
     _check_tensor("x", x, 2, _FLOATS, pool_l.device)
-    if tuple(x.shape) != (plan.n_tokens, pool_l.shape[1]) or x.dtype != pool_l.dtype:
+    width = plan.a_chunks * pool_l.shape[1]       # C_A pages of H numbers per row of A
+    if x.shape[0] != plan.n_tokens or not 1 <= x.shape[1] <= width or x.dtype != pool_l.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a plan of {plan.n_tokens} "
-                         f"tokens over pool_l {tuple(pool_l.shape)} {pool_l.dtype}")
+                         f"tokens and rows of A of at most {width} numbers over pool_l "
+                         f"{tuple(pool_l.shape)} {pool_l.dtype}")
 
 
 def _check_attention(q, pool_l, block_table, n_kv_heads):
@@ -578,7 +654,11 @@ def _want_triton(use_triton, x):
 # ---------------------------------------------------------------- benchmark: python kernels.py
 @dataclass
 class BenchConfig:
-    hidden: int = cli.flag(4096, "H, model dim = page width = out_dim")
+    hidden: int = cli.flag(4096, "H, model dim = page width")
+    in_dim: Optional[int] = cli.flag(None, "I, width of A's rows (None: H; down_proj: ffn_dim, "
+                                           "rows over several pages)", int)
+    out_dim: Optional[int] = cli.flag(None, "O, width of B^T's rows (None: H; gate, up: ffn_dim)",
+                                      int)
     tokens: int = cli.flag(256, "N, tokens in the batch")
     adapters: int = cli.flag(100, "adapters resident in the pool")
     ranks: str = cli.flag("8,16,32,64", "ranks to draw from, comma list")
@@ -593,15 +673,16 @@ class BenchConfig:
 
 
 def _random_step(cfg, device, dtype):
-    """x [N, H]; a pool layer whose adapters (slot 0 = base model) lie on shuffled pages among as
+    """x [N, I]; a pool layer whose adapters (slot 0 = base model) lie on shuffled pages among as
     many free ones; the tables; each token's slot [N] and the step's plan."""
     g = torch.Generator().manual_seed(0)
     choices = torch.tensor([int(r) for r in cfg.ranks.split(",")], dtype=torch.int32)
     ranks = choices[torch.randint(len(choices), (cfg.adapters + 1,), generator=g)]
     ranks[0] = 0
-    b_start = torch.cumsum(2 * ranks, 0, dtype=torch.int32) - ranks     # A rows, then B^T rows
-    pages = 2 * int(2 * ranks.sum())
-    tables = [torch.randperm(pages, generator=g)[:pages // 2].int(), b_start - ranks, b_start,
+    ca, cb = -(-cfg.in_dim // cfg.hidden), -(-cfg.out_dim // cfg.hidden)   # pages per row
+    a_start = torch.cumsum((ca + cb) * ranks, 0, dtype=torch.int32) - (ca + cb) * ranks
+    pages = 2 * int((ca + cb) * ranks.sum())                            # A rows, then B^T rows
+    tables = [torch.randperm(pages, generator=g)[:pages // 2].int(), a_start, a_start + ca * ranks,
               ranks, 1.0 + torch.rand(cfg.adapters + 1, generator=g)]
     slots = torch.randint(1, cfg.adapters + 1, (cfg.tokens,), generator=g, dtype=torch.int32)
     if cfg.shape == "prefill":   # requests of prefill_len tokens, one adapter each: segments
@@ -611,11 +692,11 @@ def _random_step(cfg, device, dtype):
     else:                        # decode: sorted by adapter as the engine sorts, one token each
         slots = slots.sort().values
         segments = torch.arange(cfg.tokens + 1, dtype=torch.int32), slots
-    x = torch.randn(cfg.tokens, cfg.hidden, generator=g).to(device, dtype)
-    pool_l = (torch.randn(pages, cfg.hidden, generator=g) / cfg.hidden ** 0.5).to(device, dtype)
+    x = torch.randn(cfg.tokens, cfg.in_dim, generator=g).to(device, dtype)
+    pool_l = (torch.randn(pages, cfg.hidden, generator=g) / cfg.in_dim ** 0.5).to(device, dtype)
     tables, slots = [t.to(device) for t in tables], slots.to(device)
     plan = plan_lora(pool_l, *tables, *(s.to(device) for s in segments), int(ranks.max()),
-                     per_token=cfg.shape == "decode")      # checked once, as the engine does
+                     per_token=cfg.shape == "decode", a_chunks=ca, b_chunks=cb)   # checked once
     return x, pool_l, tables, slots, plan
 
 
@@ -643,24 +724,26 @@ def benchmark(cfg: BenchConfig):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = cfg.dtype if cfg.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     x, pool_l, tables, slots, plan = _random_step(cfg, device, getattr(torch, name))
-    H = cfg.hidden
-    padded = lambda: [w[0] for w in pad_adapters(pool_l[None], *tables, H)]   # A, Bt of one layer
+    H, I, O = cfg.hidden, cfg.in_dim, cfg.out_dim
+    padded = lambda: [w[0] for w in pad_adapters(pool_l[None], plan, I, O)]   # A, Bt of one layer
     A, Bt = padded()
-    W = torch.randn(H, H, device=device).to(x.dtype) / H ** 0.5
-    variants = {"gathered from pages (lora_apply)": lambda: lora_apply(x, pool_l, plan, H),
+    W = torch.randn(I, O, device=device).to(x.dtype) / I ** 0.5
+    variants = {"gathered from pages (lora_apply)": lambda: lora_apply(x, pool_l, plan, O),
                 "bmm, padding copy included": lambda: bmm_lora(x, *padded(), slots),
                 "bmm, weights already padded": lambda: bmm_lora(x, A, Bt, slots),
-                "base GEMM x W [N,H]x[H,H]": lambda: x @ W}
-    print(f"{cfg.shape}: N={cfg.tokens} H={H} adapters={cfg.adapters} ranks={cfg.ranks} {name} {device}")
-    want, sec = lora_apply(x, pool_l, plan, H).float(), {}
+                "base GEMM x W [N,I]x[I,O]": lambda: x @ W}
+    print(f"{cfg.shape}: N={cfg.tokens} H={H} I={I} O={O} adapters={cfg.adapters} "
+          f"ranks={cfg.ranks} {name} {device}")
+    want, sec = lora_apply(x, pool_l, plan, O).float(), {}
     for label, fn in variants.items():
         sec[label] = _seconds(fn, cfg.repeats, device)
         lora = sec["gathered from pages (lora_apply)"]
         diff = f"  max|diff| {(fn().float() - want).abs().max():.1e}" if "GEMM" not in label else ""
         print(f"  {label:34s} {sec[label] * 1e3:9.3f} ms  x{sec[label] / lora:6.2f}{diff}")
-    print(f"  LoRA (gathered) / base GEMM: {lora / sec['base GEMM x W [N,H]x[H,H]']:.2f}")
+    print(f"  LoRA (gathered) / base GEMM: {lora / sec['base GEMM x W [N,I]x[I,O]']:.2f}")
     if device.type == "cuda":   # bytes moved at least: x, y and each used adapter once
-        nbytes = x.element_size() * (2 * x.numel() + 2 * int(tables[3][slots.unique()].sum()) * H)
+        used = int(tables[3][slots.unique()].sum())
+        nbytes = x.element_size() * (cfg.tokens * (I + O) + used * (I + O))
         copy = copy_bandwidth(device)
         print(f"  gathered: {nbytes / lora / 1e9:.1f} GB/s = {nbytes / lora / copy:.2f} of copy "
               f"bandwidth ({copy / 1e9:.0f} GB/s)")
@@ -678,10 +761,11 @@ def kernel_variants():
     """Every launch the engine can make: (label, pool dtype, kernel, constexprs)."""
     for dtype in _TRITON_TYPES:
         for shape, t in (("decode", DECODE_TILES), ("prefill", PREFILL_TILES)):
-            yield f"shrink {shape}", dtype, _shrink_kernel, dict(BLOCK_T=t.tokens, BLOCK_R=t.rank,
-                                                                 BLOCK_H=t.hidden)
-            yield f"expand {shape}", dtype, _expand_kernel, dict(BLOCK_T=t.tokens, BLOCK_R=t.rank,
-                                                                 BLOCK_O=t.out)
+            for one_page, rows in ((True, ""), (False, ", rows over pages")):   # C = 1, C > 1
+                yield f"shrink {shape}{rows}", dtype, _shrink_kernel, dict(
+                    BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_H=t.hidden, ONE_PAGE=one_page)
+                yield f"expand {shape}{rows}", dtype, _expand_kernel, dict(
+                    BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_O=t.out, ONE_PAGE=one_page)
         for D in HEAD_TILES:
             yield f"attention D<={D}", dtype, _paged_attention_kernel, _attention_tiles(1, D)
 
@@ -712,12 +796,13 @@ if __name__ == "__main__":
         raise SystemExit(f"--shape must be decode or prefill, got {cfg.shape!r}")
     if cfg.small:
         cfg.hidden, cfg.tokens, cfg.adapters = 1024, 64, 20
+    cfg.in_dim, cfg.out_dim = cfg.in_dim or cfg.hidden, cfg.out_dim or cfg.hidden
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if not cfg.compile:
         benchmark(cfg)
     for label, dtype, kernel, constexprs in kernel_variants() if cfg.compile else ():
         cells = [compile_for(kernel, dtype, constexprs, arch) for arch in (80, 90)]
-        print(f"{label:<18} {_TRITON_TYPES[dtype]:<5}"
+        print(f"{label:<32} {_TRITON_TYPES[dtype]:<5}"
               + "".join(f" | sm_{a}: regs {r:>3d} spill {s:>3d} smem {m:>6d}"
                         for a, (r, s, m) in zip((80, 90), cells)))

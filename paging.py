@@ -6,9 +6,16 @@ caches of different lengths would fragment GPU memory, so both live in one pool 
 (section 4.1, figure 3). A page holds H numbers (H = model dim) in every layer: the pool is a
 tensor [L, P, H] and page p is pool[:, p, :] (kernels.py draws the layout). KV cache: a page
 holds the K (or V) of g = n_heads / n_kv_heads consecutive tokens of a request (kv_dim = H / g
-numbers each), so n tokens take 2 ceil(n / g) pages. An adapter of rank r on target t: A [r, H]
-takes r pages (row j on page j), B [O, r] is stored as B^T [r, O], r more pages: 2 r T pages for
-T targets, the same pages in every layer.
+numbers each), so n tokens take 2 ceil(n / g) pages. An adapter of rank r on target t with A
+[r, I] and B [O, r] (B stored as B^T [r, O]): a row of width W takes C = ceil(W / H) pages, its
+numbers c H .. c H + H - 1 on the c-th, so A takes r C_A = r ceil(I / H) pages and B^T
+r C_B = r ceil(O / H), the same pages in every layer. q, k, v, o (I = H, O = H or kv_dim) take 2r
+pages; gate and up (O = ffn_dim) and down (I = ffn_dim) take r + r ceil(ffn_dim / H).
+Why rows over several pages rather than a second, wider page size: one pool and one page size
+stay, so any free page serves KV or any adapter row (S-LoRA's unified paging, no second pool to
+size); the price is the unused tail of a row's last page. SmolLM2 (H 576, ffn_dim 1536 = 2.67 H):
+3 pages hold the 1536 numbers of a gate/up/down row in 1728 slots, 11% waste; a rank-r adapter on
+all seven projections takes r (2 + 2 + 2 + 2 + 4 + 4 + 4) = 20 r pages, 8 r of them for q, k, v, o.
 
 Every registered adapter stays in host memory (pinned under CUDA), as in S-LoRA, unless a host
 limit N is set: then adapters registered by path keep at most N copies in host memory (HostStore,
@@ -19,11 +26,11 @@ evicted, least recently used first, only when its pages are wanted for KV or ano
 Prefetch (section 4.2) loads the adapters of the next likely requests while the current batch
 runs: under CUDA on a side stream, ordered by an event.
 
-Letters: L layers, P pages, H model dim (page width), r rank, O output width of a target,
-g tokens per KV page, S adapter slots.
+Letters: L layers, P pages, H model dim (page width), r rank, I input width of a target (of A),
+O output width (of B), C pages per row (C_A = ceil(I / H), C_B = ceil(O / H)), F ffn_dim, g tokens
+per KV page, S adapter slots.
 Simplified: KV pages are taken lowest index first, adapter pages highest first (so an adapter's
-pages are usually consecutive and the CPU path reads them in place); no swapping of KV to host;
-only the attention projections q, k, v, o are servable (S-LoRA's setting, all of input width H).
+pages are usually consecutive and the CPU path reads them in place); no swapping of KV to host.
 Demo: `python paging.py` prints a map of the pool (. free, K kv cache, A adapter) as requests
 come and go, and says when and why an adapter is evicted.
 """
@@ -33,7 +40,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,16 +48,30 @@ import torch
 import cli
 from lora import AdapterError, LoRAConfig, peft_key, read_adapter
 
-SERVABLE = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")   # S-LoRA's setting, all of input width H
+SERVABLE = ATTENTION + ("gate_proj", "up_proj", "down_proj")   # every projection ("all-linear")
 KV, ADAPTER = "kv", "adapter"   # the two kinds of page owner
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")   # lora.read_adapter reads them
 
 
-def target_widths(model_cfg) -> Dict[str, int]:
-    """Output width O of each servable target: H for q and o, kv_dim for k and v (GQA);
-    model_cfg has .dim and .kv_dim (a model.ModelConfig, or a PoolConfig)."""
-    H, kv_dim = model_cfg.dim, model_cfg.kv_dim
-    return {"q_proj": H, "k_proj": kv_dim, "v_proj": kv_dim, "o_proj": H}
+def target_shapes(model_cfg) -> Dict[str, Tuple[int, int]]:
+    """(I, O) of each servable target, A [r, I] and B [O, r]: (H, H) for q and o, (H, kv_dim)
+    for k and v (GQA), (H, F) for gate and up, (F, H) for down; model_cfg has .dim, .kv_dim and
+    .ffn_dim (a model.ModelConfig, or a PoolConfig)."""
+    H, kv_dim, F = model_cfg.dim, model_cfg.kv_dim, model_cfg.ffn_dim
+    return {"q_proj": (H, H), "k_proj": (H, kv_dim), "v_proj": (H, kv_dim), "o_proj": (H, H),
+            "gate_proj": (H, F), "up_proj": (H, F), "down_proj": (F, H)}
+
+
+def target_widths(model_cfg, targets: Sequence[str] = ATTENTION) -> Dict[str, int]:
+    """Output width O of each of `targets` (default: q, k, v, o, as S-LoRA's benchmarks adapt)."""
+    shapes = target_shapes(model_cfg)
+    return {t: shapes[t][1] for t in targets}
+
+
+def row_pages(width: int, dim: int) -> int:
+    """C = ceil(W / H): pages that one adapter row of W numbers spans in a pool of page width H."""
+    return -(-width // dim)
 
 
 def kv_pages(n_tokens: int, tokens_per_page: int) -> int:
@@ -70,6 +91,7 @@ class PoolConfig:
     tokens_per_page: int = cli.flag(3, "g = n_heads / n_kv_heads, tokens per KV page")
     dtype: str = cli.flag("float32", "torch dtype of the pool")
     device: str = cli.flag("cpu", "device of the pool")
+    ffn_dim: int = cli.flag(32, "F, the MLP width (input of down_proj, output of gate and up)")
 
     @property
     def kv_dim(self) -> int:
@@ -78,9 +100,10 @@ class PoolConfig:
     @staticmethod
     def for_model(model_cfg, n_pages: int, dtype: str = "float32",
                   device: str = "cpu") -> "PoolConfig":
-        """From a model.ModelConfig (dim, n_layers, n_heads, n_kv_heads)."""
+        """From a model.ModelConfig (dim, n_layers, n_heads, n_kv_heads, ffn_dim)."""
         return PoolConfig(model_cfg.n_layers, n_pages, model_cfg.dim,
-                          model_cfg.n_heads // model_cfg.n_kv_heads, dtype, device)
+                          model_cfg.n_heads // model_cfg.n_kv_heads, dtype, device,
+                          model_cfg.ffn_dim)
 
 
 @dataclass(frozen=True)
@@ -144,56 +167,76 @@ class PageAllocator:
 
 @dataclass
 class HostAdapter:
-    """A LoRA adapter in host memory, packed per target as W [L, 2r, H]: rows 0..r-1 are A, rows
-    r..2r-1 are B^T zero-padded from O to H numbers, so loading is one indexed copy per target."""
+    """A LoRA adapter in host memory, packed per target as W [L, r (C_A + C_B), H], the rows its
+    pages will hold: A row j on rows j C_A .. j C_A + C_A - 1 (numbers c H .. c H + H - 1 on the
+    c-th), then B^T row j likewise from row r C_A on, every row's tail zero. Loading is then one
+    indexed copy per target; q, k, v, o (C_A = C_B = 1) are W [L, 2r, H]: A rows, then B^T rows."""
     name: str
     rank: int
     scale: float                      # alpha / r (alpha / sqrt(r) with rsLoRA)
-    weights: Dict[str, torch.Tensor]  # target -> [L, 2r, H] float32
+    weights: Dict[str, torch.Tensor]  # target -> [L, r (C_A + C_B), H] float32
     out: Dict[str, int]               # target -> O, the output width of B
+    inp: Optional[Dict[str, int]] = None        # target -> I, the input width of A; None: all H
+    dim: int = field(init=False, repr=False)    # H, the width of the packed rows (a page)
+
+    def __post_init__(self):
+        if not self.weights:
+            raise AdapterError(f"adapter {self.name!r} adapts no module")
+        on_disk = isinstance(self.weights, OnDisk)     # its width is known without a read
+        self.dim = self.weights.dim if on_disk else next(iter(self.weights.values())).shape[2]
 
     @property
     def targets(self) -> Tuple[str, ...]:
         return tuple(self.weights)
 
+    def in_width(self, target: str) -> int:
+        return self.dim if self.inp is None else self.inp[target]
+
+    def chunks(self, target: str) -> Tuple[int, int]:
+        """(C_A, C_B): pages per row of A and per row of B^T."""
+        return row_pages(self.in_width(target), self.dim), row_pages(self.out[target], self.dim)
+
     @property
     def n_pages(self) -> int:
-        return 2 * len(self.weights) * self.rank
+        """Pages it takes when loaded: r C_A + r C_B per target."""
+        return sum(self.rank * sum(self.chunks(t)) for t in self.weights)
 
-    def a(self, target: str) -> torch.Tensor:   # [L, r, H]
-        return self.weights[target][:, :self.rank]
+    def a(self, target: str) -> torch.Tensor:   # [L, r, I]
+        w, rows = self.weights[target], self.rank * self.chunks(target)[0]
+        return w[:, :rows].reshape(w.shape[0], self.rank, -1)[:, :, :self.in_width(target)]
 
     def bt(self, target: str) -> torch.Tensor:  # [L, r, O]
-        return self.weights[target][:, self.rank:, :self.out[target]]
+        w, rows = self.weights[target], self.rank * self.chunks(target)[0]
+        return w[:, rows:].reshape(w.shape[0], self.rank, -1)[:, :, :self.out[target]]
 
     @staticmethod
     def from_peft(name: str, cfg: LoRAConfig, tensors: Dict[str, torch.Tensor], n_layers: int,
                   dim: Optional[int] = None) -> "HostAdapter":
         """From lora.read_adapter's (config, {PEFT key: tensor}): every layer must have each
-        target, with one shape in all layers; dim, when given, is the model's H. Any problem is
-        an AdapterError naming the adapter."""
+        target, with one shape in all layers; dim, when given, is the model's H (else read from
+        the adapter). Any problem is an AdapterError naming the adapter."""
         if len(tensors) != 2 * n_layers * len(cfg.targets):
             raise AdapterError(f"adapter {name!r}: {len(tensors)} tensors, expected lora_A and "
                                f"lora_B for {len(cfg.targets)} targets in each of {n_layers} "
                                "layers (built for another model?)")
-        weights, out = {}, {}
-        for target in cfg.targets:
-            if target not in SERVABLE:
-                raise AdapterError(f"adapter {name!r}: module {target!r} cannot be served "
-                                   f"(only {list(SERVABLE)})")
-            A = _stack(name, target, "lora_A", tensors, n_layers)                 # [L, r, H]
-            Bt = _stack(name, target, "lora_B", tensors, n_layers).transpose(1, 2)  # [L, r, O]
-            H = A.shape[2] if dim is None else dim
-            if A.shape[2] != H or Bt.shape[2] > H:
-                rule = f"the model has H = {dim}" if dim else "B is never wider than A's input"
-                raise AdapterError(f"adapter {name!r}: {target} has A of input width "
-                                   f"{A.shape[2]} and B of output width {Bt.shape[2]}; {rule} "
-                                   "(built for another model?)")
-            packed = torch.zeros(n_layers, 2 * cfg.r, H)                           # [L, 2r, H]
-            packed[:, :cfg.r], packed[:, cfg.r:, :Bt.shape[2]] = A, Bt
+        unservable = [t for t in cfg.targets if t not in SERVABLE]
+        if unservable:
+            raise AdapterError(f"adapter {name!r}: module {unservable[0]!r} cannot be served "
+                               f"(only {list(SERVABLE)})")
+        stacked = {t: (_stack(name, t, "lora_A", tensors, n_layers),                 # [L, r, I]
+                       _stack(name, t, "lora_B", tensors, n_layers).transpose(1, 2))  # [L, r, O]
+                   for t in cfg.targets}
+        H = dim or _page_width(stacked)
+        weights, out, inp = {}, {}, {}
+        for target, (A, Bt) in stacked.items():
+            if A.shape[1] != cfg.r or Bt.shape[1] != cfg.r:   # the packing would pad or broadcast
+                raise AdapterError(f"adapter {name!r}: {target} has A of {A.shape[1]} rows and B "
+                                   f"of {Bt.shape[1]} columns; the config says r = {cfg.r}")
+            _check_widths(name, target, A.shape[2], Bt.shape[2], H, dim)
+            inp[target], out[target] = A.shape[2], Bt.shape[2]
+            packed = pack(A, Bt, cfg.r, (row_pages(inp[target], H), row_pages(out[target], H)), H)
             weights[target] = packed.pin_memory() if torch.cuda.is_available() else packed
-            out[target] = Bt.shape[2]
-        return HostAdapter(name, cfg.r, cfg.scale, weights, out)
+        return HostAdapter(name, cfg.r, cfg.scale, weights, out, inp)
 
     @staticmethod
     def from_dir(name: str, path: str, n_layers: int, dim: Optional[int] = None) -> "HostAdapter":
@@ -201,17 +244,50 @@ class HostAdapter:
 
     @staticmethod
     def random(name: str, n_layers: int, dim: int, out: Dict[str, int], rank: int,
-               alpha: float = 16.0, seed: int = 0) -> "HostAdapter":
+               alpha: float = 16.0, seed: int = 0,
+               inp: Optional[Dict[str, int]] = None) -> "HostAdapter":
         """A synthetic adapter (random A and B under PEFT keys), as S-LoRA's benchmarks use;
-        out maps each target to O (target_widths gives the model's)."""
+        out maps each target to O (target_widths gives the model's), inp a target to I where it
+        is not H (down_proj: F)."""
         gen, tensors = torch.Generator().manual_seed(seed), {}
         for i in range(n_layers):
             for t, width in out.items():
-                A = torch.randn(rank, dim, generator=gen) / dim ** 0.5                    # [r, H]
+                fan_in = (inp or {}).get(t, dim)
+                A = torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5              # [r, I]
                 tensors[peft_key(i, t, "lora_A")] = A
                 tensors[peft_key(i, t, "lora_B")] = torch.randn(width, rank, generator=gen) / rank
         cfg = LoRAConfig(r=rank, alpha=alpha, targets=tuple(out))
-        return HostAdapter.from_peft(name, cfg, tensors, n_layers)
+        return HostAdapter.from_peft(name, cfg, tensors, n_layers, dim)
+
+
+def pack(A: torch.Tensor, Bt: torch.Tensor, rank: int, chunks: Tuple[int, int],
+         dim: int) -> torch.Tensor:
+    """A [L, <= r, <= C_A H] and B^T [L, r, <= C_B H] -> one target's page rows [L, r (C_A + C_B),
+    H] in HostAdapter's layout (chunks = (C_A, C_B)), zeros wherever A or B^T does not reach."""
+    (ca, cb), L = chunks, A.shape[0]
+    packed = torch.zeros(L, rank * (ca + cb), dim)
+    packed[:, :rank * ca].view(L, rank, ca * dim)[:, :A.shape[1], :A.shape[2]] = A
+    packed[:, rank * ca:].view(L, rank, cb * dim)[:, :, :Bt.shape[2]] = Bt
+    return packed
+
+
+def _page_width(stacked) -> int:
+    """H read from an adapter {target: (A [L, r, I], B^T [L, r, O])}: the input width of every
+    target but down_proj, whose output width it is."""
+    target, (A, Bt) = next(iter(stacked.items()))
+    return Bt.shape[2] if target == "down_proj" else A.shape[2]
+
+
+def _check_widths(name, target, in_width, out_width, H, dim):
+    """Only down_proj reads more than H numbers (F), only gate and up write more; the exact
+    widths are checked against the model when the pool registers the adapter."""
+    if (in_width == H or target == "down_proj") and (out_width <= H or target in ("gate_proj",
+                                                                                  "up_proj")):
+        return
+    rule = f"the model has H = {dim}" if dim else f"H = {H}, read from the adapter"
+    raise AdapterError(f"adapter {name!r}: {target} has A of input width {in_width} and B of "
+                       f"output width {out_width}; {rule}, and only down_proj reads more than H "
+                       "numbers, only gate_proj and up_proj write more (built for another model?)")
 
 
 def _stack(name, target, which, tensors, n_layers):
@@ -230,7 +306,7 @@ def _stack(name, target, which, tensors, n_layers):
 
 
 class OnDisk(Mapping):
-    """target -> packed weights [L, 2r, H] of an adapter that stays in its PEFT directory (the
+    """target -> packed weights [L, r (C_A + C_B), H] of an adapter that stays in its PEFT directory (the
     weights of a HostAdapter registered by path under a host limit). Listing the targets reads
     nothing; a target's weights come from the store's host copy, read again if it was dropped."""
 
@@ -267,7 +343,7 @@ class HostStore:
         serial = next(self.serials)
         copy = self._read(serial, name, path, n_layers, dim)
         disk = OnDisk(self, serial, name, path, copy.targets, (n_layers, dim), stamp)
-        return HostAdapter(name, copy.rank, copy.scale, disk, dict(copy.out))
+        return HostAdapter(name, copy.rank, copy.scale, disk, dict(copy.out), copy.inp)
 
     def fetch(self, disk: OnDisk) -> HostAdapter:
         """The host copy of disk's adapter, read from its files if it was dropped; AdapterError
@@ -305,7 +381,7 @@ def _stamp(name: str, path: str) -> tuple:
 
 @dataclass
 class Resident:
-    """An adapter copied into the pool: per target its 2r pages (A rows, then B^T rows)."""
+    """An adapter copied into the pool: per target its r (C_A + C_B) pages (A, then B^T)."""
     pages: Dict[str, List[int]]
     refs: int = 0                    # running requests that use it; evictable only at 0
     ready: Optional[object] = None   # torch.cuda.Event recorded after an asynchronous copy
@@ -314,11 +390,13 @@ class Resident:
 @dataclass
 class AdapterTables:
     """Kernel-side index tensors of one target (page lookup in kernels.py); slot 0: base model."""
-    page_ids: torch.Tensor  # int32 [2 sum(r)]
-    a_start: torch.Tensor   # int32 [S]: A row j of slot s is page page_ids[a_start[s] + j]
-    b_start: torch.Tensor   # int32 [S]: likewise for B^T rows
+    page_ids: torch.Tensor  # int32 [(C_A + C_B) sum(r)]
+    a_start: torch.Tensor   # int32 [S]: page_ids[a_start[s] + j C_A + c]: A row j, chunk c
+    b_start: torch.Tensor   # int32 [S]: likewise for B^T rows (C_B chunks each)
     ranks: torch.Tensor     # int32 [S]: 0 = slot s does not adapt this target
     scales: torch.Tensor    # float32 [S]
+    a_chunks: int           # C_A = ceil(I / H), pages per row of A
+    b_chunks: int           # C_B = ceil(O / H), pages per row of B^T
 
 
 class UnifiedPool:
@@ -387,12 +465,15 @@ class UnifiedPool:
         if not math.isfinite(adapter.scale):
             raise AdapterError(f"adapter {adapter.name!r}: scale {adapter.scale} is not finite")
         L, _, H = self.tensor.shape
-        widths = target_widths(self.cfg)
-        for t, w in adapter.weights.items():   # w [L, 2r, H]
-            if t not in widths or (w.shape[0], w.shape[2], adapter.out[t]) != (L, H, widths[t]):
-                raise AdapterError(f"adapter {adapter.name!r}: {t} has L={w.shape[0]}, "
-                                   f"H={w.shape[2]}, out={adapter.out[t]}; the model has L={L}, "
-                                   f"H={H}, out={widths.get(t)}")
+        shapes = target_shapes(self.cfg)
+        for t, w in adapter.weights.items():   # w [L, r (C_A + C_B), H]
+            I, O = shapes.get(t, (None, None))
+            rows = adapter.rank * (row_pages(I, H) + row_pages(O, H)) if t in shapes else None
+            if (*w.shape, adapter.in_width(t), adapter.out[t]) != (L, rows, H, I, O):
+                raise AdapterError(f"adapter {adapter.name!r}: {t} has L={w.shape[0]}, rows="
+                                   f"{w.shape[1]}, H={w.shape[2]}, in={adapter.in_width(t)}, "
+                                   f"out={adapter.out[t]}; the model has L={L}, rows={rows}, "
+                                   f"H={H}, in={I}, out={O}")
         self.host[adapter.name] = adapter
 
     def unregister(self, name: str):
@@ -415,12 +496,14 @@ class UnifiedPool:
             return
         ad = self.host[name]
         weights = {t: ad.weights[t] for t in ad.targets}   # first: a read may fail, no page taken
-        flat, n = self._take(ad.n_pages, ADAPTER, keep), 2 * ad.rank
-        pages = {t: flat[i * n:(i + 1) * n] for i, t in enumerate(ad.targets)}
+        flat, pages, start = self._take(ad.n_pages, ADAPTER, keep), {}, 0
+        for t in ad.targets:
+            n = ad.rank * sum(ad.chunks(t))                                 # r (C_A + C_B)
+            pages[t], start = flat[start:start + n], start + n
         res = Resident(pages)
         if self.copy_stream is None:
             for t in ad.targets:
-                self.tensor[:, pages[t]] = weights[t].to(self.tensor.dtype)   # [L, 2r, H]
+                self.tensor[:, pages[t]] = weights[t].to(self.tensor.dtype)   # [L, r (C_A + C_B), H]
         else:
             # The pages may have been freed by work still queued on the compute stream: wait.
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.tensor.device))
@@ -474,24 +557,27 @@ class UnifiedPool:
         return loaded
 
     def kernel_tables(self, names: Sequence[str]) -> Dict[str, AdapterTables]:
-        """Per servable target the index tensors for slots [base model, names[0], ...]."""
+        """The index tensors for slots [base model, names[0], ...] of each target that one of
+        names adapts (the others need no launch)."""
         absent = [name for name in names if name not in self.resident]
         if absent:
             raise KeyError(f"adapters {absent} are not resident in the pool; acquire them first")
-        tables = {}
-        for t in SERVABLE:
+        tables, shapes, H = {}, target_shapes(self.cfg), self.cfg.dim
+        for t in [t for t in SERVABLE if any(t in self.resident[n].pages for n in names)]:
+            ca, cb = row_pages(shapes[t][0], H), row_pages(shapes[t][1], H)
             page_ids, a_start, b_start, ranks, scales = [], [0], [0], [0], [0.0]
             for name in names:
                 ad, res = self.host[name], self.resident[name]
                 r = ad.rank if t in res.pages else 0
                 a_start.append(len(page_ids))
-                b_start.append(len(page_ids) + r)
+                b_start.append(len(page_ids) + r * ca)
                 page_ids += res.pages[t] if r else []
                 ranks.append(r)
                 scales.append(ad.scale if r else 0.0)
-            ints = [torch.tensor(xs, dtype=torch.int32, device=self.tensor.device)
+            dev = self.tensor.device
+            ints = [torch.tensor(xs, dtype=torch.int32, device=dev)
                     for xs in (page_ids, a_start, b_start, ranks)]
-            tables[t] = AdapterTables(*ints, torch.tensor(scales, device=self.tensor.device))
+            tables[t] = AdapterTables(*ints, torch.tensor(scales, device=dev), ca, cb)
         return tables
 
 
@@ -543,5 +629,17 @@ def _demo(cfg: PoolConfig):
           f"{t.a_start.tolist()} b_start {t.b_start.tolist()} page_ids {t.page_ids.tolist()}")
 
 
+def _demo_wide_rows(cfg: PoolConfig):
+    """The pages of an adapter on all seven projections: gate, up and down rows span pages."""
+    F, H = cfg.ffn_dim, cfg.dim
+    m = HostAdapter.random("m", cfg.n_layers, H, target_widths(cfg, SERVABLE), 1,
+                           inp={"down_proj": F})
+    print(f"an all-linear adapter of rank 1 (F = {F} = {F / H:.2f} H, a row of F numbers spans "
+          f"ceil(F / H) = {row_pages(F, H)} pages) takes {m.n_pages} pages: "
+          + ", ".join(f"{t} {m.rank * sum(m.chunks(t))}" for t in m.targets))
+
+
 if __name__ == "__main__":
-    _demo(*cli.parse([PoolConfig], "Show the unified pool (S-LoRA section 4) at work."))
+    demo_cfg, = cli.parse([PoolConfig], "Show the unified pool (S-LoRA section 4) at work.")
+    _demo(demo_cfg)
+    _demo_wide_rows(demo_cfg)

@@ -13,7 +13,6 @@ if not torch.cuda.is_available():
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import math  # noqa: E402
@@ -1281,6 +1280,71 @@ def test_checked_step_equals_dense_lora_on_cpu_and_in_triton(per_token, dtype, c
         kernels.lora_apply(x[:5], ad.pool, plan, O)
 
 
+def make_wide_lora(H, in_dim, out_dim, ranks, dtype, seed=0, free_pages=23):
+    """make_lora for rows wider than a page: A [r, I] and B^T [r, O] rows cut into chunks of H
+    numbers (the last zero-padded), every chunk on a page of its own, all pages shuffled among
+    random ones; tables as paging.py builds them (A row j, chunk c: page_ids[a_start + j C_A + c])."""
+    g = torch.Generator().manual_seed(seed)
+    ca, cb = -(-in_dim // H), -(-out_dim // H)
+    n = (ca + cb) * sum(ranks)
+    pool = torch.randn(n + free_pages, H, generator=g).to(dtype)
+    page_ids = torch.randperm(n + free_pages, generator=g)[:n].int()
+    A = [(torch.randn(r, in_dim, generator=g) / in_dim ** 0.5).to(dtype) for r in ranks]
+    B = [(torch.randn(out_dim, r, generator=g) / max(r, 1) ** 0.5).to(dtype) for r in ranks]
+    a_start, b_start, off = [], [], 0
+    for r, a, b in zip(ranks, A, B):
+        for rows, c, starts in ((a, ca, a_start), (b.T, cb, b_start)):   # [r, I], then [r, O]
+            starts.append(off)
+            chunks = torch.zeros(r, c * H, dtype=dtype)
+            chunks[:, :rows.shape[1]] = rows
+            pool[page_ids[off:off + r * c].long()] = chunks.reshape(r * c, H)      # [r C, H]
+            off += r * c
+    i32 = dict(dtype=torch.int32, device=DEV)
+    return SimpleNamespace(
+        pool=pool.to(DEV), page_ids=page_ids.to(DEV), a_start=torch.tensor(a_start, **i32),
+        b_start=torch.tensor(b_start, **i32), ranks=torch.tensor(ranks, **i32),
+        scales=(0.5 + torch.rand(len(ranks), generator=g)).to(DEV), A=A, B=B, out_dim=out_dim,
+        chunks=(ca, cb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,in_dim,out_dim", [(32, 32, 88), (32, 88, 32), (80, 200, 200)])
+def test_rows_over_several_pages_equal_dense_lora(H, in_dim, out_dim, dtype):
+    """gate/up (O = F), down (I = F) and both wide, F not a multiple of H (88 = 2.75 x 32, 200 =
+    2.5 x 80: last chunks part-filled, H not a multiple of the tiles): the Triton kernels through
+    the interpreter, their references and the CPU path equal the dense formula, per token (MBGMV)
+    and per segment (MBGMM); a narrower x reads the first numbers of A's rows (a TP share)."""
+    ranks, N = [0, 3, 17, 1], 19
+    ad = make_wide_lora(H, in_dim, out_dim, ranks, dtype, seed=in_dim + out_dim)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.tensor([1, 2, 2, 0] + torch.randint(0, 4, (N - 4,), generator=g).tolist(),
+                       dtype=torch.int32, device=DEV)
+    x = torch.randn(N, in_dim, generator=g).to(dtype).to(DEV)
+    order, seg_starts, seg_adapter = segments_of(ids)
+    for xs, idx, segments, per_token in ((x, ids, one_each(ids), True),
+                                         (x[order], ids[order], (seg_starts, seg_adapter), False)):
+        plan = kernels.plan_lora(ad.pool, ad.page_ids, ad.a_start, ad.b_start, ad.ranks, ad.scales,
+                                 *segments, 17, per_token=per_token, a_chunks=ad.chunks[0],
+                                 b_chunks=ad.chunks[1])
+        z = kernels.lora_shrink(xs, ad.pool, plan, use_triton=True)
+        torch.testing.assert_close(z, kernels.lora_shrink_ref(xs, ad.pool, plan), atol=1e-4, rtol=1e-5)
+        want = dense_lora(xs, ad, idx)
+        for delta in (kernels.lora_expand(z, ad.pool, plan, out_dim, use_triton=True),
+                      kernels.lora_apply(xs, ad.pool, plan, out_dim, use_triton=False)):
+            assert delta.shape == (N, out_dim) and delta.dtype == dtype
+            torch.testing.assert_close(delta.double().cpu(), want, **TOL[dtype])
+        share = in_dim // 2 + 1                               # x of a device's first I/2 + 1 inputs
+        z_share = kernels.lora_shrink(xs[:, :share].contiguous(), ad.pool, plan, use_triton=True)
+        for t, s in enumerate(idx.tolist()):
+            want_z = xs[t, :share].double().cpu() @ ad.A[s][:, :share].double().T      # [r]
+            torch.testing.assert_close(z_share[t, :ranks[s]].double().cpu(), want_z, **TOL[dtype])
+    with pytest.raises(ValueError, match=rf"out_dim must be an int in \[1, {ad.chunks[1] * H}\]"):
+        kernels.lora_expand(z, ad.pool, plan, ad.chunks[1] * H + 1)
+    with pytest.raises(ValueError, match=rf"b_start \+ {ad.chunks[1] + 1} \* ranks\[2\] = \d+ is outside"):
+        kernels.plan_lora(ad.pool, ad.page_ids, ad.a_start, ad.b_start, ad.ranks, ad.scales, *one_each(ids),
+                          17, a_chunks=ad.chunks[0], b_chunks=ad.chunks[1] + 1)   # tables of other widths
+
+
 def test_bad_arguments_raise_clear_errors():
     ad = make_lora(16, 16, [0, 2, 3], torch.float32, seed=5)
     x, ids = torch.randn(4, 16, device=DEV), torch.tensor([0, 1, 2, 1], device=DEV)
@@ -1434,10 +1498,11 @@ def test_nan_in_free_pages_page_0_and_unused_slots_reaches_no_request(use_triton
 
 
 def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
-    """What the engine can launch (each dtype, decode and prefill tiles, shrink, expand and
-    attention for head dims up to 128), compiled by Triton's own ptxas without a GPU: every
-    variant for sm_90 and the bfloat16 ones for sm_80 (all of sm_80: `python kernels.py
-    --compile`, kept out of the suite for time). No register spills, shared memory that fits.
+    """What the engine can launch (each dtype, decode and prefill tiles, shrink and expand of rows
+    on one page (q, k, v, o) or over several (down's A, gate's and up's B^T), attention for head
+    dims up to 128), compiled by Triton's own ptxas without a GPU: every variant for sm_90 and the bfloat16
+    ones for sm_80 (all of sm_80: `python kernels.py --compile`, kept out of the suite for
+    time). No register spills, shared memory that fits.
     In a child process: this one runs Triton's interpreter, which cannot compile."""
     import subprocess
     import sys
@@ -1450,7 +1515,8 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
                          cwd=os.path.dirname(os.path.abspath(kernels.__file__)))
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = json.loads(run.stdout.splitlines()[-1])
-    assert len(compiled) == 3 * 2 * 2 + 3 * 4 + 8      # (shrink, expand) x 2 shapes, 4 head dims
+    assert len(compiled) == 3 * 4 * 2 + 3 * 4 + 12     # (shrink, expand) x (rows on one page, over
+    # several) x 2 shapes, 4 head dims: each dtype on sm_90, bfloat16 also on sm_80
     for label, dtype, arch, (regs, spilled, shared) in compiled:
         assert 0 < regs <= 255 and spilled == 0, (label, dtype, arch, regs, spilled)
         assert shared <= 99 * 1024, (label, dtype, arch, shared)   # fits every sm_80+ GPU
@@ -1535,6 +1601,9 @@ def check_pool_holds(pool, ad, tensors, slot_tables, slot):
     """Pool pages named by the kernel tables hold the A rows and B columns of `tensors` (the adapter's
     PEFT weights), in every layer."""
     for t in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if t not in slot_tables:                  # no adapter of the step adapts it: no tables
+            assert t not in ad.targets
+            continue
         tab = slot_tables[t]
         r = int(tab.ranks[slot])
         assert r == (ad.rank if t in ad.targets else 0)
@@ -1569,8 +1638,55 @@ def test_adapter_load_puts_the_right_numbers_in_the_right_pages(tmp_path):
 
 
 def test_unservable_target_is_refused_with_adapter_and_module_named():
-    with pytest.raises(ValueError, match=r"'bad'.*'gate_proj'"):
-        make_adapter("bad", 2, ("q_proj", "gate_proj"))
+    tensors = peft_tensors(2, ("q_proj",))
+    for i in range(L):                        # a module that no engine here adapts
+        tensors[lora.peft_key(i, "lm_head", "lora_A")] = torch.zeros(2, H)
+        tensors[lora.peft_key(i, "lm_head", "lora_B")] = torch.zeros(H, 2)
+    with pytest.raises(ValueError, match=r"'bad'.*'lm_head'"):
+        HostAdapter.from_peft("bad", LoRAConfig(r=2, targets=("q_proj", "lm_head")), tensors, L)
+
+
+def test_all_linear_adapter_takes_pages_by_row_width_and_they_hold_its_rows(tmp_path):
+    """PEFT files with target_modules "all-linear" on a model of H = 12, F = 32 (2.67 H, as
+    SmolLM2's 1536 = 2.67 x 576): a row of F numbers spans ceil(32 / 12) = 3 pages. Rank 3:
+    q, k, v, o 3 + 3 pages each, gate and up 3 + 3 x 3, down 3 x 3 + 3: 4 x 6 + 3 x 12 = 60."""
+    F, r = 32, 3
+    widths = {"q_proj": (H, H), "k_proj": (H, KV_DIM), "v_proj": (H, KV_DIM), "o_proj": (H, H),
+              "gate_proj": (H, F), "up_proj": (H, F), "down_proj": (F, H)}        # (I, O)
+    assert paging.target_shapes(PoolConfig(dim=H, tokens_per_page=G, ffn_dim=F)) == widths
+    gen, tensors = torch.Generator().manual_seed(3), {}
+    for i in range(L):
+        for t, (I, O) in widths.items():
+            tensors[lora.peft_key(i, t, "lora_A")] = torch.randn(r, I, generator=gen)
+            tensors[lora.peft_key(i, t, "lora_B")] = torch.randn(O, r, generator=gen)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": 6, "target_modules": "all-linear"}))
+    ad = HostAdapter.from_dir("m", str(tmp_path), L, H)
+    assert ad.n_pages == 4 * (3 + 3) + 3 * (3 + 3 * 3) == 60
+    pool = UnifiedPool(PoolConfig(n_layers=L, n_pages=70, dim=H, tokens_per_page=G, ffn_dim=F))
+    pool.register(ad)
+    pool.allocate_kv(0, 5)                                # 4 KV pages: only 66 free, 60 taken
+    pool.acquire("m")
+    assert pool.stats().adapter == 60 and pool.stats().free == 6
+    tables = pool.kernel_tables(["m"])
+    assert [(tables[t].a_chunks, tables[t].b_chunks) for t in widths] == [(1, 1)] * 4 + [(1, 3)] * 2 + [(3, 1)]
+    for t, (I, O) in widths.items():                      # chunk c of row j: numbers 12c .. 12c + 11
+        tab, (ca, cb) = tables[t], (-(-I // H), -(-O // H))
+        for rows, start, c_per_row, width in ((tensors[lora.peft_key(0, t, "lora_A")], tab.a_start[1], ca, I),
+                                              (tensors[lora.peft_key(0, t, "lora_B")].T, tab.b_start[1], cb, O)):
+            for j in range(r):
+                pages = tab.page_ids[start + j * c_per_row:start + (j + 1) * c_per_row].long()
+                held = pool.tensor[0, pages].reshape(-1)                                  # [C H]
+                assert torch.equal(held[:width], rows[j]) and (held[width:] == 0).all(), (t, j)
+    with pytest.raises(AdapterError, match=r"'m2': down_proj has .*rows=12, H=12, in=30, out=12; "
+                                           r"the model has .*rows=12, H=12, in=32"):
+        bad = dict(tensors)                               # down_proj of a model with F = 30 (also 3 pages)
+        for i in range(L):
+            bad[lora.peft_key(i, "down_proj", "lora_A")] = torch.randn(r, 30)
+        pool.register(HostAdapter.from_peft("m2", LoRAConfig(r=r, targets=tuple(widths)), bad, L, H))
+    with pytest.raises(AdapterError, match=r"'m3': q_proj has A of 3 rows and B of 3 columns; .* r = 4"):
+        HostAdapter.from_peft("m3", LoRAConfig(r=4, targets=tuple(widths)), tensors, L, H)   # not padded
 
 
 def test_eviction_only_of_unused_adapters_in_lru_order():
@@ -1849,12 +1965,30 @@ def mixed_requests(n=14, seed=1):
              names[i % 5], 3 + i % 6) for i in range(n)]
 
 
-@pytest.mark.parametrize("host_adapters", [None, 1])   # 1: adapters are read from disk again to load
-@pytest.mark.parametrize("mode", B.ENGINES)
-def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, mode, host_adapters):
-    base, root = served
+# dim 32, ffn_dim 88 = 2.75 x 32: a gate/up/down row spans 3 pages of 32 numbers, the last part-filled
+MLP_SPECS = {"a": (3, tuple(lora.TARGET_NAMES.values())), "b": (2, ("q_proj", "v_proj")),
+             "c": (5, ("down_proj",)), "d": (1, ("gate_proj", "up_proj", "o_proj"))}
+
+
+def mlp_llama():
+    return tiny_llama(dim=32, n_heads=4, n_kv_heads=2, ffn_dim=88)
+
+
+@pytest.fixture(scope="module")
+def served_mlp(tmp_path_factory):
+    """mlp_llama() and the MLP_SPECS adapters on disk, "a" saved as target_modules "all-linear"."""
+    base = mlp_llama()
+    root = write_adapters(base, MLP_SPECS, tmp_path_factory.mktemp("mlp_adapters"))
+    config = json.loads((root / "a" / "adapter_config.json").read_text())
+    (root / "a" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": "all-linear"}))
+    return base, root
+
+
+def check_mixed_batch_equals_merged(base, root, specs, mode, fresh_base, host_adapters):
+    """Requests over the base model and every adapter of specs, arriving while others run: each
+    gets the tokens of the request alone with its adapter merged; nothing is left held."""
     engine = B.ENGINES[mode](base, None, pool_pages=400, host_adapters=host_adapters)
-    for name in ADAPTER_SPECS:
+    for name in specs:
         engine.add_adapter(name, str(root / name))
     reqs, ids = mixed_requests(), []
     for i, (prompt, name, n) in enumerate(reqs):   # arrivals spread over the run
@@ -1868,7 +2002,23 @@ def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, m
     stats = engine.pool.stats()
     assert stats.kv == 0 and stats.free + stats.adapter == stats.total
     x = torch.randint(0, 259, (1, 5))
-    assert torch.equal(base(x), tiny_llama()(x))                   # the merged mode restored the weights
+    assert torch.equal(base(x), fresh_base()(x))                   # the merged mode restored the weights
+
+
+@pytest.mark.parametrize("host_adapters", [None, 1])   # 1: adapters are read from disk again to load
+@pytest.mark.parametrize("mode", B.ENGINES)
+def test_mixed_batch_equals_each_request_alone_with_its_adapter_merged(served, mode, host_adapters):
+    check_mixed_batch_equals_merged(*served, ADAPTER_SPECS, mode, tiny_llama, host_adapters)
+
+
+@pytest.mark.parametrize("host_adapters", [None, 1])
+@pytest.mark.parametrize("mode", B.ENGINES)
+def test_all_linear_adapter_in_a_mixed_batch_equals_each_request_alone_merged(served_mlp, mode,
+                                                                               host_adapters):
+    """An all-linear adapter (rank 3), q,v (rank 2), down only (rank 5), gate, up, o (rank 1) and
+    the base model in one batch, ffn_dim 88 not a multiple of dim 32: every mode serves each
+    request as the model with its adapter merged into the weights."""
+    check_mixed_batch_equals_merged(*served_mlp, MLP_SPECS, mode, mlp_llama, host_adapters)
 
 
 def test_unknown_adapter_and_oversized_prompt_fail_alone(served):
@@ -1888,10 +2038,10 @@ def test_bad_adapter_refused_at_registration_others_still_served(served, tmp_pat
     _write_adapter(tmp_path / "broken", {"use_dora": True})
     with pytest.raises(AdapterError, match="use_dora"):
         engine.add_adapter("broken", str(tmp_path / "broken"))
-    wide = copy.deepcopy(base)
-    lora.add_lora(wide, LoRAConfig(r=2, targets=("gate_proj",)))
-    lora.save_adapter(wide, tmp_path / "mlp", LoRAConfig(r=2, targets=("gate_proj",)))
-    with pytest.raises(AdapterError, match="gate_proj"):
+    other = tiny_llama(ffn_dim=64)                 # an MLP adapter of a model of another ffn_dim
+    lora.add_lora(other, LoRAConfig(r=2, targets=("gate_proj",)))
+    lora.save_adapter(other, tmp_path / "mlp", LoRAConfig(r=2, targets=("gate_proj",)))
+    with pytest.raises(AdapterError, match=r"gate_proj .*out=64; the model has .*out=96"):
         engine.add_adapter("mlp", str(tmp_path / "mlp"))
     assert engine.generate([[7, 8, 9]], ["a"], 3)[0] == merged_alone(base, root, [7, 8, 9], "a", 3)
 
@@ -2415,6 +2565,37 @@ def test_an_error_on_one_device_ends_the_group(root, tmp_path):
         tp.launch(2, _rank, root, tmp_path, 1, timeout_s=60, device_type="cpu")
     assert time.perf_counter() - start < 40          # the other device did not wait for a timeout
     assert not (tmp_path / "run0.json").exists()
+
+
+def _mlp_rank(comm, root, out):
+    model = mlp_llama()
+    engine = tp.ShardedEngine(model, comm, tp.shard_model(model, comm), None, pool_pages=400)
+    tokens, logits, steps = serve_requests(engine, root)
+    save_file({"logits": logits}, str(out / f"logits{comm.rank}.safetensors"))
+    (out / f"run{comm.rank}.json").write_text(json.dumps({"tokens": tokens, "step_bytes": engine.step_bytes}))
+
+
+def test_two_devices_serve_all_linear_adapters_as_one(served_mlp, tmp_path):
+    """gate, up column-parallel (z all-gathered), down row-parallel (z all-reduced, its delta in
+    the base all-reduce), each device's ffn share 44 > 32 = H spanning 2 of a row's 3 pages: both
+    devices give the tokens and logits of one device, which are those of the merged model."""
+    base, root = served_mlp
+    tokens, logits, steps = serve_requests(E.Engine(mlp_llama(), None, pool_pages=400), root)
+    for (prompt, name, n), got in zip(mixed_requests(12), tokens):
+        assert got == merged_alone(base, root, prompt, name, n), name
+    tp.launch(2, _mlp_rank, root, tmp_path, timeout_s=60, device_type="cpu")
+    cfg, lora_bytes = base.config, []
+    for n, names in steps:   # per target some adapter of the step adapts, by hand (as for q, k, v, o)
+        ranks = {t: max([MLP_SPECS[a][0] for a in names if t in MLP_SPECS[a][1]], default=0)
+                 for t in paging.SERVABLE}
+        lora_bytes.append(cfg.n_layers * 4 * n * sum(
+            r if t in tp.ROW_PARALLEL else 2 * -(-r // 2) for t, r in ranks.items()))
+    assert max(len(names) for _, names in steps) >= 3             # batches mixed several adapters
+    for k in range(2):
+        run = json.loads((tmp_path / f"run{k}.json").read_text())
+        got = load_file(str(tmp_path / f"logits{k}.safetensors"))["logits"]
+        assert run["tokens"] == tokens and (got - logits).abs().max() < 1e-4
+        assert [b[1] for b in run["step_bytes"]] == lora_bytes
 
 
 class _NoComm:

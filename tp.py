@@ -13,11 +13,14 @@ only small collectives of z = x A^T [N, r] next to the base model's [N, H] ones.
     gate, up W        output rows       its slice of ffn_dim
     down W            input columns     the same slice                           all-reduce y [N, H]
     embed, norms, lm_head: whole on every device (all compute the same logits, pick the same token)
-    q, k, v LoRA  A [r, H]: rows j = k, k+W, ... (c = ceil(r/W) of them)     all-gather z [W, N, c]
-                  B [out, r]: the rows of its own outputs, like W
-    o LoRA        A [r, in]: the columns of its q heads -> partial z           all-reduce z [N, r]
+    q, k, v, gate, up LoRA (column-parallel, as their W)
+                  A [r, H]: rows j = k, k+W, ... (c = ceil(r/W) of them)     all-gather z [W, N, c]
+                  B [out, r]: the rows of its own outputs, like W (gate, up: its ffn_dim slice)
+    o, down LoRA (row-parallel, as their W)
+                  A [r, in]: the columns of its own inputs (o: its q heads, down: its ffn_dim
+                  slice) -> partial z                                          all-reduce z [N, r]
                   B [H, r]: rows of its share of H; the delta goes into the base partial sum, so
-                  the base all-reduce after o_proj carries it (no collective of its own)
+                  the base all-reduce after o_proj / down_proj carries it (no collective of its own)
 
 Every device runs the same engine (engine.py) on its shard with the same submissions; the
 scheduler is deterministic, and every reading of the clock is rank 0's (a broadcast), so all
@@ -25,11 +28,14 @@ devices make the same decisions and every collective has its partners. The LoRA 
 kernels.py's one interface (plan_lora once per step, then lora_shrink / lora_expand per layer),
 with the collective between shrink and expand. Each device's pool holds only its share: a KV page
 keeps the g tokens of a full-model page, g x (its kv width) of the H numbers; an adapter takes as
-many pages as on one device, each page holding only its rows and columns. Bytes communicated are
+many pages as on one device (r ceil(I / H) + r ceil(O / H) per target, paging.py), each page
+holding only its rows and columns, from the start of each row. Bytes communicated are
 counted per collective as the size of the tensor it leaves on each device.
 Simplified: greedy sampling only; only the slora mode (and base) is sharded; pages are not made
-narrower per device (an A row of q, k or v still needs all H input features); an error in a step
-ends the group (engine.py survives it on one device; here the peers would wait in collectives).
+narrower per device (an A row of q, k or v still needs all H input features), nor fewer: a
+device's share of a row of gate's or up's B^T or of down's A (ffn_dim / W numbers) fills the
+first of the row's ceil(ffn_dim / H) pages, the last ones stay empty; an error in a step ends the
+group (engine.py survives it on one device; here the peers would wait in collectives).
 Demo: `python serve.py --tp 2 --adapters 100`; `python tp.py --world 2` (what each device holds).
 Letters: W devices, k this device, N tokens of a step, L layers, H model dim, r adapter rank,
 c = ceil(r / W).
@@ -54,8 +60,11 @@ import cli
 import kernels
 from engine import AdapterSlots, Engine
 from model import Llama, ModelConfig
-from paging import HostAdapter
+from paging import HostAdapter, pack
 from scheduler import RequestRejected
+
+
+ROW_PARALLEL = ("o_proj", "down_proj")   # split along their inputs; the others along outputs
 
 
 class TensorParallelError(RuntimeError):
@@ -102,10 +111,11 @@ class Shard:
 
     def lora_split(self, target: str) -> tuple:
         """(rows of A, columns of A, columns of B^T) that this device keeps of one target."""
-        if target == "o_proj":   # row-parallel: the input features of its heads, its share of H
-            return slice(None), self.q, self.out
+        if target in ROW_PARALLEL:   # its input features (o: its heads, down: its ffn slice), its H
+            return slice(None), {"o_proj": self.q, "down_proj": self.ffn}[target], self.out
         # column-parallel: every W-th row of A (so the all-gather puts z in row order), its outputs
-        outputs = {"q_proj": self.q, "k_proj": self.kv, "v_proj": self.kv}[target]
+        outputs = {"q_proj": self.q, "k_proj": self.kv, "v_proj": self.kv, "gate_proj": self.ffn,
+                   "up_proj": self.ffn}[target]
         return slice(self.rank, None, self.world), slice(None), outputs
 
 
@@ -136,21 +146,19 @@ def shard_model(model: Llama, comm: "Comm") -> Shard:
 
 
 class _ShardPages(Mapping):
-    """target -> this device's part of an adapter in the pool's page format [L, 2r, H]: A rows
-    first, then B^T rows (paging.py); unused parts of the pages are zero. Cut when the pool loads
-    the adapter, so host memory keeps each adapter once, whole (as S-LoRA's host memory does)."""
+    """target -> this device's part of an adapter in the full adapter's page format [L, r (C_A +
+    C_B), H]: A rows first, then B^T rows, a row over C pages (paging.py); unused parts of the
+    pages are zero. Cut when the pool loads the adapter, so host memory keeps each adapter once,
+    whole (as S-LoRA's host memory does)."""
 
     def __init__(self, full: HostAdapter, shard: Shard):
         self.full, self.shard = full, shard
 
     def __getitem__(self, target):
         a_rows, a_cols, b_cols = self.shard.lora_split(target)
-        a = self.full.a(target)[:, a_rows, a_cols]                 # [L, c or r, H or its q width]
-        bt = self.full.bt(target)[:, :, b_cols]                    # [L, r, its out width]
-        packed, r = torch.zeros_like(self.full.weights[target]), self.full.rank   # [L, 2r, H]
-        packed[:, :a.shape[1], :a.shape[2]] = a
-        packed[:, r:, :bt.shape[2]] = bt
-        return packed
+        a = self.full.a(target)[:, a_rows, a_cols]               # [L, c or r, H or its in width]
+        bt = self.full.bt(target)[:, :, b_cols]                  # [L, r, its out width]
+        return pack(a, bt, self.full.rank, self.full.chunks(target), self.full.dim)
 
     def __iter__(self):
         return iter(self.full.weights)
@@ -205,8 +213,9 @@ class ShardedEngine(Engine):
         self.comm, self.shard = comm, shard
         self.step_bytes = []                        # (base, lora) bytes of each step
         super().__init__(model, eos_id, **options)
-        self.b_widths = {t: _width(shard.lora_split(t)[2]) for t in self.out_dim}   # its B^T columns
-        self.out_dim = {**self.b_widths, "o_proj": model.config.dim}   # o: zeros but its columns
+        self.b_widths = {t: _width(shard.lora_split(t)[2]) for t in self.out_dim}   # its B^T cols
+        # o, down: a delta [N, H], zeros but in its columns
+        self.out_dim = {**self.b_widths, **{t: model.config.dim for t in ROW_PARALLEL}}
 
     def now(self) -> float:
         """Rank 0's clock on every device: all see the same arrivals and deadlines, so all agree."""
@@ -215,9 +224,10 @@ class ShardedEngine(Engine):
 
     def _store(self, adapter: HostAdapter):
         super()._store(adapter)   # checks the whole adapter against the model
-        out = {t: self.b_widths[t] for t in adapter.out}
+        # The whole adapter's widths: they fix its pages, which hold this device's share.
         self.pool.host[adapter.name] = HostAdapter(adapter.name, adapter.rank, adapter.scale,
-                                                   _ShardPages(adapter, self.shard), out)
+                                                   _ShardPages(adapter, self.shard), adapter.out,
+                                                   adapter.inp)
 
     def _check_request(self, prompt, adapter, max_new_tokens, temperature):
         super()._check_request(prompt, adapter, max_new_tokens, temperature)
@@ -248,20 +258,19 @@ class ShardedEngine(Engine):
         def plan(t, ranks):
             return kernels.plan_lora(self.pool.tensor[0], t.page_ids, t.a_start, t.b_start, ranks,
                                      t.scales, seg_starts, seg_adapter, int(ranks.max()),
-                                     per_token=not slots.prefill)
-        for target, t in self.pool.kernel_tables(slots.names).items():
-            if bool((t.ranks > 0).any()):   # the same answer on every device
-                full = plan(t, t.ranks)     # expand: r rows of B^T; shrink of o: r rows of A
-                shrink = full if target == "o_proj" else plan(t, (t.ranks + W - 1) // W)   # c rows
-                plans[target] = shrink, full
+                                     per_token=not slots.prefill, a_chunks=t.a_chunks,
+                                     b_chunks=t.b_chunks)
+        for target, t in self.pool.kernel_tables(slots.names).items():   # the same on every device
+            full = plan(t, t.ranks)     # expand: r rows of B^T; shrink of o, down: r rows of A
+            shrink = full if target in ROW_PARALLEL else plan(t, (t.ranks + W - 1) // W)   # c rows
+            plans[target] = shrink, full
 
         def lora(x, layer, target):
             if target not in plans:
                 return None
             (shrink_plan, full), pool_l = plans[target], self.pool.tensor[layer]
-            if target == "o_proj":   # x [N, its q width]: partial x A^T [N, r], summed over devices
-                z = kernels.lora_shrink(x, pool_l[:, :x.shape[1]], shrink_plan)
-                z = self.comm.all_reduce(z, "lora")
+            if target in ROW_PARALLEL:   # x [N, its in width]: partial x A^T [N, r], summed
+                z = self.comm.all_reduce(kernels.lora_shrink(x, pool_l, shrink_plan), "lora")
                 delta = x.new_zeros(x.shape[0], self.out_dim[target])   # the others' columns: 0
                 delta[:, s.out] = kernels.lora_expand(z, pool_l, full, _width(s.out))
                 return delta
@@ -340,9 +349,11 @@ def describe(cfg: ModelConfig, world: int, r: int):
         print(f"device {k}: q_proj [{q}, {H}] k_proj, v_proj [{kv}, {H}] o_proj [{H}, {q}] "
               f"gate, up [{f}, {H}] down [{H}, {f}]; KV page: {g} tokens x {kv} = {g * kv} of {H}\n"
               f"          rank-{r} adapter: q/k/v A [{c}, {H}], B^T [{r}, {q}/{kv}/{kv}]; "
-              f"o A [{r}, {q}], B^T [{r}, {h}]")
+              f"o A [{r}, {q}], B^T [{r}, {h}]; gate/up A [{c}, {H}], B^T [{r}, {f}]; "
+              f"down A [{r}, {f}], B^T [{r}, {h}]")
     print(f"per token and layer: base all-reduces 2 x {H} numbers; LoRA on q, k, v, o: "
-          f"3 all-gathers of {W} x {c} + one all-reduce of {r} = {3 * W * c + r} numbers")
+          f"3 all-gathers of {W} x {c} + one all-reduce of {r} = {3 * W * c + r} numbers; "
+          f"on all seven: 5 all-gathers + 2 all-reduces = {5 * W * c + 2 * r} numbers")
 
 
 if __name__ == "__main__":
