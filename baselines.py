@@ -24,7 +24,7 @@ import torch
 import kernels
 from engine import AdapterSlots, Engine
 from model import Llama
-from paging import ATTENTION, HostAdapter
+from adapters import ATTENTION, HostAdapter
 from scheduler import Request, ScheduledBatch, State
 
 

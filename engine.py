@@ -37,7 +37,8 @@ import cli
 import kernels
 from lora import AdapterError
 from model import Batch, Llama, SamplingParams, sample_one
-from paging import HostAdapter, HostStore, OnDisk, PoolConfig, UnifiedPool, kv_pages, target_shapes
+from adapters import HostAdapter, HostStore, OnDisk, target_shapes
+from paging import PoolConfig, UnifiedPool, kv_pages
 from scheduler import Request, RequestRejected, ScheduledBatch, Scheduler, SchedulerConfig, State
 
 
@@ -170,7 +171,7 @@ class Engine:
 
     def add_adapter(self, name: str, path: str):
         """Register a PEFT adapter directory; a bad one raises AdapterError and changes nothing.
-        Under a host limit it is read and checked now, then kept as its files (paging.HostStore)."""
+        Under a host limit it is read and checked now, then kept as its files (adapters.HostStore)."""
         try:
             cfg = self.model.config
             if self.host_store is None:

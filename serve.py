@@ -47,7 +47,7 @@ from checkpoints import default_model_path, load_model, placement
 from lora import AdapterError
 from engine import Engine, EngineConfig
 from model import Llama, ModelConfig
-from paging import HostAdapter, target_widths
+from adapters import HostAdapter, target_widths
 from scheduler import State
 
 MODES = (*ENGINES, "base")

@@ -31,7 +31,7 @@ import checkpoints as C  # noqa: E402
 import tokenizer as tok_mod  # noqa: E402
 import e2e  # noqa: E402
 import model as M  # noqa: E402
-import paging  # noqa: E402
+import adapters  # noqa: E402
 import engine as E  # noqa: E402
 import baselines as B  # noqa: E402
 import serve  # noqa: E402
@@ -1653,7 +1653,7 @@ def test_all_linear_adapter_takes_pages_by_row_width_and_they_hold_its_rows(tmp_
     F, r = 32, 3
     widths = {"q_proj": (H, H), "k_proj": (H, KV_DIM), "v_proj": (H, KV_DIM), "o_proj": (H, H),
               "gate_proj": (H, F), "up_proj": (H, F), "down_proj": (F, H)}        # (I, O)
-    assert paging.target_shapes(PoolConfig(dim=H, tokens_per_page=G, ffn_dim=F)) == widths
+    assert adapters.target_shapes(PoolConfig(dim=H, tokens_per_page=G, ffn_dim=F)) == widths
     gen, tensors = torch.Generator().manual_seed(3), {}
     for i in range(L):
         for t, (I, O) in widths.items():
@@ -2357,7 +2357,7 @@ def test_seeded_sampling_is_each_requests_own_and_stop_ids_end_requests(served):
 
 def soak_adapters(cfg, n, rng, prefix="s"):
     """n random adapters of ranks 1-4 on random servable targets."""
-    widths = paging.target_widths(cfg)
+    widths = adapters.target_widths(cfg)
     return [HostAdapter.random(f"{prefix}{i}", cfg.n_layers, cfg.dim,
                                {t: w for t, w in widths.items() if rng.random() < 0.6} or {"q_proj": cfg.dim},
                                rank=rng.choice([1, 2, 4]), seed=rng.randrange(10**6)) for i in range(n)]
@@ -2587,7 +2587,7 @@ def test_two_devices_serve_all_linear_adapters_as_one(served_mlp, tmp_path):
     cfg, lora_bytes = base.config, []
     for n, names in steps:   # per target some adapter of the step adapts, by hand (as for q, k, v, o)
         ranks = {t: max([MLP_SPECS[a][0] for a in names if t in MLP_SPECS[a][1]], default=0)
-                 for t in paging.SERVABLE}
+                 for t in adapters.SERVABLE}
         lora_bytes.append(cfg.n_layers * 4 * n * sum(
             r if t in tp.ROW_PARALLEL else 2 * -(-r // 2) for t, r in ranks.items()))
     assert max(len(names) for _, names in steps) >= 3             # batches mixed several adapters

@@ -60,7 +60,7 @@ import cli
 import kernels
 from engine import AdapterSlots, Engine
 from model import Llama, ModelConfig
-from paging import HostAdapter, pack
+from adapters import HostAdapter, pack
 from scheduler import RequestRejected
 
 
