@@ -62,7 +62,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -399,9 +398,9 @@ class AttendGroup:
     queries: torch.Tensor   # [B, T] long: the token (row of q) in each query slot
     keep: torch.Tensor      # [M] long: the slots (of B T) that are not padding
     targets: torch.Tensor   # [M] long: their tokens
-    k_rows: torch.Tensor    # [B n] long: pool row (_pool_rows) of K at position min(j, last)
-    v_rows: torch.Tensor    # [B n] long: the same for V
-    allowed: torch.Tensor   # [B, 1, T, n] bool: key position j <= the query's position
+    kv_rows: torch.Tensor   # [2 B nkv n] long: pool row (_pool_rows) of K, then of V, of head
+                            # j at position min(i, last)
+    bias: torch.Tensor      # [B nkv, g T, n]: 0 where key position i <= the query's, else -inf
 
 
 @dataclass
@@ -443,7 +442,7 @@ def paged_attention_plan(pool_l, block_table, seq_ids, positions, n_kv_heads, he
     seq_ids, positions = seq_ids.long(), positions.long()
     groups = None
     if not _want_triton(use_triton, pool_l):
-        groups = [_attend_group(pool_l, block_table, seq_ids, positions, kv_dim, tokens)
+        groups = [_attend_group(pool_l, block_table, seq_ids, positions, n_kv_heads, head_dim, tokens)
                   for tokens in _group_requests(seq_ids, positions, n_kv_heads * g)]
     pages = block_table[seq_ids, positions // g].long()                                # [N, 2]
     return AttentionPlan(block_table.to(torch.int32).contiguous(), seq_ids.to(torch.int32),
@@ -467,61 +466,63 @@ def _group_requests(seq_ids, positions, n_heads):
     return groups + ([chunk] if chunk else [])
 
 
-def _attend_group(pool_l, block_table, seq_ids, positions, kv_dim, tokens):
+def _attend_group(pool_l, block_table, seq_ids, positions, n_kv_heads, head_dim, tokens):
     """The AttendGroup of requests whose token rows are `tokens` (a list per request)."""
     dev, T = pool_l.device, max(len(ts) for ts in tokens)
+    g = pool_l.shape[1] // (n_kv_heads * head_dim)
     queries = torch.tensor([ts + ts[-1:] * (T - len(ts)) for ts in tokens], device=dev)   # [B, T]
+    B = len(tokens)
     keep = torch.tensor([i * T + j for i, ts in enumerate(tokens) for j in range(len(ts))],
                         device=dev)
     query_pos = positions[queries]                                                    # [B, T]
     last = query_pos.max(dim=1).values                                                # [B]
     j = torch.arange(int(last.max()) + 1, device=dev)                                 # [n]
     own = torch.minimum(j[None, :], last[:, None])                                    # [B, n]
-    k_rows, v_rows = _kv_rows(pool_l, block_table, seq_ids[queries[:, :1]].expand_as(own), own,
-                              kv_dim)
-    allowed = (j[None, None, :] <= query_pos[:, :, None])[:, None]                    # [B, 1, T, n]
-    return AttendGroup(queries, keep, queries.view(-1)[keep], k_rows, v_rows, allowed)
+    pages = block_table[seq_ids[queries[:, :1]], own // g].long()                     # [B, n, 2]
+    start = pages * pool_l.stride(0) + (own % g * n_kv_heads * head_dim)[..., None]   # slot's 1st
+    heads = torch.arange(n_kv_heads, device=dev)[None, :, None, None] * head_dim
+    rows = (start[:, None] + heads) // math.gcd(pool_l.stride(0), head_dim)       # [B, nkv, n, 2]
+    hidden = j[None, None, :] > query_pos[:, :, None]                                # [B, T, n]
+    bias = torch.zeros(B, n_kv_heads, g, T, len(j), device=dev).masked_fill_(hidden[:, None, None],
+                                                                             -math.inf)
+    return AttendGroup(queries, keep, queries.view(-1)[keep], rows.movedim(-1, 0).reshape(-1),
+                       bias.view(B * n_kv_heads, g * T, -1))
 
 
-def _kv_rows(pool_l, block_table, seq_ids, positions, kv_dim):
-    """(K rows, V rows), flat, of the tokens at `positions` of requests `seq_ids` (one shape):
-    slot p % g of block p // g, as rows of _pool_rows(pool_l, kv_dim)."""
-    g, step = pool_l.shape[1] // kv_dim, math.gcd(pool_l.stride(0), kv_dim)
-    pages = block_table[seq_ids, positions // g].long()                       # [..., 2]
-    start = pages * pool_l.stride(0) + (positions % g * kv_dim)[..., None]    # first number
-    return (start[..., 0] // step).reshape(-1), (start[..., 1] // step).reshape(-1)
-
-
-def _pool_rows(pool_l, kv_dim):
-    """pool_l [P, W] as rows of kv_dim numbers, a view: row i starts at number i s, where
-    s = gcd(row stride, kv_dim) divides the start of every K/V slot. s is kv_dim unless tensor
-    parallelism keeps a slice of each page whose width kv_dim does not divide (rows overlap)."""
-    step = math.gcd(pool_l.stride(0), kv_dim)
-    last_start = (pool_l.shape[0] - 1) * pool_l.stride(0) + pool_l.shape[1] - kv_dim
-    return pool_l.as_strided((last_start // step + 1, kv_dim), (step, 1))
+def _pool_rows(pool_l, head_dim):
+    """pool_l [P, W] as rows of head_dim numbers, a view: row i starts at number i s, where
+    s = gcd(row stride, head_dim) divides the start of every head's K or V (s is head_dim unless
+    tensor parallelism keeps a part of each page that head_dim does not divide: rows overlap)."""
+    step = math.gcd(pool_l.stride(0), head_dim)
+    last_start = (pool_l.shape[0] - 1) * pool_l.stride(0) + pool_l.shape[1] - head_dim
+    return pool_l.as_strided((last_start // step + 1, head_dim), (step, 1))
 
 
 def _attend_groups(q, pool_l, plan, out):
-    """The CPU's attention by the plan's groups: each gathers its K and V rows once, then one
-    batched attention. q [N, nh, D] -> out [N, nh, D]."""
-    D, nkv = q.shape[2], plan.n_kv_heads
-    rows = _pool_rows(pool_l, nkv * D)
+    """The CPU's attention by the plan's groups: each gathers its K and V once per layer, head
+    by head, then attends in one batch. q [N, nh, D] -> out [N, nh, D]."""
+    (_, nh, D), nkv = q.shape, plan.n_kv_heads
+    rows = _pool_rows(pool_l, D)
     for grp in plan.groups:
         B, T = grp.queries.shape
-        k = rows.index_select(0, grp.k_rows).view(B, -1, nkv, D)                   # [B, n, nkv, D]
-        v = rows.index_select(0, grp.v_rows).view(B, -1, nkv, D)
-        o = _attend(q[grp.queries], k, v, grp.allowed)                            # [B, T, nh, D]
-        out.index_copy_(0, grp.targets, o.reshape(B * T, *q.shape[1:]).index_select(0, grp.keep))
+        k, v = rows.index_select(0, grp.kv_rows).view(2, B * nkv, -1, D)          # [B nkv, n, D]
+        o = _attend(q[grp.queries], k, v, grp.bias)                               # [B, T, nh, D]
+        out.index_copy_(0, grp.targets, o.reshape(B * T, nh, D).index_select(0, grp.keep))
     return out
 
 
-def _attend(q, k, v, allowed):
-    """softmax(q k^T / sqrt(D), -inf where not allowed) v with GQA: q [B, T, nh, D], k/v
-    [B, n, nkv, D], allowed [B, 1, T, n] -> [B, T, nh, D]. Query head h = j g + i (i < g)
-    reads K/V head j (enable_gqa: shared, not copied); products accumulate in float32."""
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=allowed, enable_gqa=True)      # [B, nh, T, D]
-    return o.transpose(1, 2)
+def _attend(q, k, v, bias):
+    """softmax(q k^T / sqrt(D) + bias) v with GQA: q [B, T, nh, D], k/v [B nkv, n, D], bias
+    [B nkv, g T, n] (0 or -inf) -> [B, T, nh, D]. Query head h = j g + i (i < g) reads K/V head j,
+    so the g heads of a group and the T queries are one matrix of g T rows against that head's
+    keys (nothing copied per head); products in float32."""
+    B, T, nh, D = q.shape
+    nkv = k.shape[0] // B
+    qg = q.float().view(B, T, nkv, nh // nkv, D).permute(0, 2, 3, 1, 4)        # [B, nkv, g, T, D]
+    scores = torch.baddbmm(bias, qg.reshape(B * nkv, -1, D), k.float().transpose(1, 2),
+                           alpha=1 / math.sqrt(D))                              # [B nkv, g T, n]
+    o = torch.bmm(scores.softmax(-1), v.float())                                # [B nkv, g T, D]
+    return o.view(B, nkv, nh // nkv, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, nh, D).to(q.dtype)
 
 
 def paged_attention(q, pool_l, plan: AttentionPlan, *, out=None,
