@@ -46,6 +46,9 @@ public function runs its Triton kernel `_name_kernel` on a GPU and the plain-PyT
 (TRITON_INTERPRET=1 set before triton is imported, as the tests do). On a CPU lora_apply runs one
 pair of matrix products per run of tokens that share an adapter (lora_runs), A and B^T read in
 place from the pool (an adapter's pages are allocated consecutively): the bytes a kernel reads.
+Attention likewise: paged_attention_plan checks a step's tokens and page tables once and finds
+what every layer reads; paged_attention then runs per layer (Triton: one program per token and KV
+head; CPU: the plan's K/V rows gathered head by head in one index_select, then two bmm per group).
 Simplified: prefill attention runs one program per query token (no query tiling as in
 FlashAttention); tiles are multiplied in float32 (no tensor cores), cheap as r << H.
 Demo: `python kernels.py --small` times the gathered path, the padded-bmm baseline and the base
