@@ -449,7 +449,7 @@ class Engine:
         return batch, AdapterSlots(names, as_tensor(row_slots), lengths, prefill, numbers)
 
     def _run(self, batch: Batch, slots: AdapterSlots) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.inference_mode():   # no autograd records, no version counters on activations
             return self.model.forward_paged(batch, self.pool.tensor, self._lora(slots))   # [R, V]
 
     def _fail(self, req: Request, what: str, error: Exception):

@@ -143,11 +143,13 @@ def seconds(fn, device: torch.device) -> tuple:
 
 def lora_pairs(cfg: kernels.BenchConfig, device, dtype):
     """(what, kernel output, reference output) of shrink and expand on one random step of
-    cfg.shape, expand to the pool width and to a third of it (k_proj, v_proj under GQA)."""
+    cfg.shape, expand to the pool width and to a third of it (k_proj, v_proj under GQA), or to
+    cfg.out_dim; rows wider than a page (cfg.in_dim, cfg.out_dim) span several pages."""
     x, pool_l, _, _, plan = kernels._random_step(cfg, device, dtype)
     z = kernels.lora_shrink_ref(x, pool_l, plan)                           # [N, Rm] float32
-    yield f"shrink {cfg.shape}", kernels.lora_shrink(x, pool_l, plan, use_triton=True), z
-    for out_dim in (cfg.hidden, cfg.hidden // 3):
+    yield (f"shrink {cfg.shape}, I={x.shape[1]}", kernels.lora_shrink(x, pool_l, plan, use_triton=True),
+           z)
+    for out_dim in (cfg.out_dim,) if cfg.out_dim else (cfg.hidden, cfg.hidden // 3):
         yield (f"expand {cfg.shape}, O={out_dim}",
                kernels.lora_expand(z, pool_l, plan, out_dim, use_triton=True),
                kernels.lora_expand_ref(z, pool_l, plan, out_dim))
@@ -181,8 +183,9 @@ def part_a(s: Sizes, device, cfg: CheckConfig, write):
     write("| --- | --- | --- | --- | --- | --- | --- |")
     results = []
     for dtype in TOLERANCE:
-        cases = [pair for shape in ("decode", "prefill")
-                 for pair in lora_pairs(replace(s.lora, shape=shape), device, dtype)]
+        F = s.lora.hidden * 8 // 3                      # an ffn_dim: gate/up/down rows on 3 pages
+        cases = [pair for shape in ("decode", "prefill") for wide in ({}, {"in_dim": F}, {"out_dim": F})
+                 for pair in lora_pairs(replace(s.lora, shape=shape, **wide), device, dtype)]
         cases += [pair for heads in s.heads for pair in attention_pairs(*heads, s.kv_lens, device,
                                                                          dtype)]
         for what, got, want in cases:

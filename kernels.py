@@ -58,6 +58,9 @@ public function runs its Triton kernel `_name_kernel` on a GPU and the plain-PyT
 (TRITON_INTERPRET=1 set before triton is imported, as the tests do). On a CPU lora_apply runs one
 pair of matrix products per run of tokens that share an adapter (lora_runs), A and B^T read in
 place from the pool (an adapter's pages are allocated consecutively): the bytes a kernel reads.
+Attention likewise: paged_attention_plan checks a step's tokens and page tables once and finds
+what every layer reads; paged_attention then runs per layer (Triton: one program per token and KV
+head; CPU: the plan's K/V rows gathered head by head in one index_select, then two bmm per group).
 Simplified: prefill attention runs one program per query token (no query tiling as in
 FlashAttention); tiles are multiplied in float32 (no tensor cores), cheap as r << H.
 Demo: `python kernels.py --small` times the gathered path, the padded-bmm baseline and the base
@@ -458,55 +461,163 @@ def paged_attention_decode_ref(q, pool_l, block_table, seq_lens, n_kv_heads):
 
 
 def paged_attention_prefill_ref(q, pool_l, block_table, seq_ids, positions, n_kv_heads):
-    """Ragged causal: token t attends to positions 0..positions[t] of request seq_ids[t].
-    Requests with one token this step (decodes) are batched; longer ones go one by one."""
-    N, nh, D = q.shape
-    out = torch.empty_like(q)
-    single = torch.bincount(seq_ids.long())[seq_ids.long()] == 1                        # [N]
-    if single.any():
-        out[single] = _attend_own(q[single], pool_l, block_table, seq_ids[single],
-                                  positions[single], n_kv_heads)
-    for r in seq_ids[~single].unique().tolist():
-        rows = (seq_ids == r).nonzero()[:, 0]                                   # tokens of r
-        pos = torch.arange(int(positions[rows].max()) + 1, device=q.device)     # [n], all its own
-        k, v = _gather_kv(pool_l, block_table, torch.full_like(pos, r), pos, n_kv_heads * D)
-        k, v = k.view(1, -1, n_kv_heads, D), v.view(1, -1, n_kv_heads, D)
-        allowed = pos[None, :] <= positions[rows, None]                         # [T, n] causal
-        out[rows] = _attend(q[rows][None], k, v, allowed[None])[0]
+    """Ragged causal: token t attends to positions 0..positions[t] of request seq_ids[t]."""
+    plan = paged_attention_plan(pool_l, block_table, seq_ids, positions, n_kv_heads, q.shape[2],
+                                use_triton=False)
+    return _attend_groups(q, pool_l, plan, torch.empty_like(q))
+
+
+@dataclass
+class AttendGroup:
+    """Requests whose queries the CPU attends together, padded to T queries and n keys. Padding
+    repeats a request's own last query and last key (then drops or masks them), so that no
+    request reads a slot it has not written: a stale page may hold anything, NaN included."""
+    queries: torch.Tensor   # [B, T] long: the token (row of q) in each query slot
+    keep: torch.Tensor      # [M] long: the slots (of B T) that are not padding
+    targets: torch.Tensor   # [M] long: their tokens
+    kv_rows: torch.Tensor   # [2 B nkv n] long: pool row (_pool_rows) of K, then of V, of head
+                            # j at position min(i, last)
+    bias: torch.Tensor      # [B nkv, g T, n]: 0 where key position i <= the query's, else -inf
+
+
+@dataclass
+class AttentionPlan:
+    """One step's attention, checked and worked out once for all L layers: a page reserves the
+    same row in every layer, so the lookups are the same. Triton reads the block table itself;
+    the CPU reads `groups`: the requests with one token (decodes) in one group, the others in
+    groups whose padded scores (B nh T n numbers) stay under ATTEND_NUMBERS (a longer request
+    alone)."""
+    block_table: torch.Tensor   # [R, MB, 2] int32
+    seq_ids: torch.Tensor       # [N] int32
+    kv_lens: torch.Tensor       # [N] int32: positions + 1, the keys each token sees
+    n_kv_heads: int
+    g: int                      # tokens per KV page
+    pool_rows: tuple            # (P, W, row stride) of the layer views it was made for
+    write_at: tuple             # (K pages, V pages, slots), each [N]: where write_kv stores
+    groups: Optional[list]      # [AttendGroup]; None when Triton runs
+
+
+ATTEND_NUMBERS = 1 << 24   # 64 MiB of float32 scores at most per CPU group
+
+
+def paged_attention_plan(pool_l, block_table, seq_ids, positions, n_kv_heads, head_dim, *,
+                         use_triton: Optional[bool] = None) -> AttentionPlan:
+    """Check a step's tokens (at `positions` of requests `seq_ids`) against the block table and
+    any layer pool_l [P, g kv_dim], in one host sync; on a CPU also find the rows to gather."""
+    _check_tensor("pool_l", pool_l, 2, _FLOATS, pool_l.device)
+    _check_tensor("block_table", block_table, 3, _INTS, pool_l.device)
+    _check_tensor("seq_ids", seq_ids, 1, _INTS, pool_l.device)
+    _check_tensor("positions", positions, 1, _INTS, pool_l.device, seq_ids.shape[0])
+    kv_dim = n_kv_heads * head_dim
+    if pool_l.shape[1] % kv_dim or block_table.shape[2] != 2:
+        raise ValueError(f"pool_l width {pool_l.shape[1]} must be a multiple of kv_dim = "
+                         f"{kv_dim}; block_table [R, MB, 2]: {tuple(block_table.shape)}")
+    g = pool_l.shape[1] // kv_dim
+    _check_ranges([("seq_ids", seq_ids, 0, block_table.shape[0]),
+                   ("positions", positions, 0, block_table.shape[1] * g),
+                   ("block_table", block_table, 0, pool_l.shape[0])])
+    seq_ids, positions = seq_ids.long(), positions.long()
+    groups = None
+    if not _want_triton(use_triton, pool_l):
+        groups = [_attend_group(pool_l, block_table, seq_ids, positions, n_kv_heads, head_dim, tokens)
+                  for tokens in _group_requests(seq_ids, positions, n_kv_heads * g)]
+    pages = block_table[seq_ids, positions // g].long()                                # [N, 2]
+    return AttentionPlan(block_table.to(torch.int32).contiguous(), seq_ids.to(torch.int32),
+                         (positions + 1).to(torch.int32), n_kv_heads, g,
+                         (*pool_l.shape, pool_l.stride(0)), (pages[:, 0], pages[:, 1], positions % g),
+                         groups)
+
+
+def _group_requests(seq_ids, positions, n_heads):
+    """[[token rows of one request, ...] per group] (one host sync): the decodes, then chunks."""
+    tokens, where = {}, positions.tolist()
+    for t, r in enumerate(seq_ids.tolist()):
+        tokens.setdefault(r, []).append(t)
+    decodes = [ts for ts in tokens.values() if len(ts) == 1]
+    groups, chunk, T, n = [decodes] if decodes else [], [], 0, 0
+    for ts in (ts for ts in tokens.values() if len(ts) > 1):
+        own_T, own_n = len(ts), max(where[t] for t in ts) + 1
+        if chunk and (len(chunk) + 1) * n_heads * max(T, own_T) * max(n, own_n) > ATTEND_NUMBERS:
+            groups, chunk, T, n = groups + [chunk], [], 0, 0
+        chunk, T, n = chunk + [ts], max(T, own_T), max(n, own_n)
+    return groups + ([chunk] if chunk else [])
+
+
+def _attend_group(pool_l, block_table, seq_ids, positions, n_kv_heads, head_dim, tokens):
+    """The AttendGroup of requests whose token rows are `tokens` (a list per request)."""
+    dev, T = pool_l.device, max(len(ts) for ts in tokens)
+    g = pool_l.shape[1] // (n_kv_heads * head_dim)
+    queries = torch.tensor([ts + ts[-1:] * (T - len(ts)) for ts in tokens], device=dev)   # [B, T]
+    B = len(tokens)
+    keep = torch.tensor([i * T + j for i, ts in enumerate(tokens) for j in range(len(ts))],
+                        device=dev)
+    query_pos = positions[queries]                                                    # [B, T]
+    last = query_pos.max(dim=1).values                                                # [B]
+    j = torch.arange(int(last.max()) + 1, device=dev)                                 # [n]
+    own = torch.minimum(j[None, :], last[:, None])                                    # [B, n]
+    pages = block_table[seq_ids[queries[:, :1]], own // g].long()                     # [B, n, 2]
+    start = pages * pool_l.stride(0) + (own % g * n_kv_heads * head_dim)[..., None]   # slot's 1st
+    heads = torch.arange(n_kv_heads, device=dev)[None, :, None, None] * head_dim
+    rows = (start[:, None] + heads) // math.gcd(pool_l.stride(0), head_dim)       # [B, nkv, n, 2]
+    hidden = j[None, None, :] > query_pos[:, :, None]                                # [B, T, n]
+    bias = torch.zeros(B, n_kv_heads, g, T, len(j), device=dev).masked_fill_(hidden[:, None, None],
+                                                                             -math.inf)
+    return AttendGroup(queries, keep, queries.view(-1)[keep], rows.movedim(-1, 0).reshape(-1),
+                       bias.view(B * n_kv_heads, g * T, -1))
+
+
+def _pool_rows(pool_l, head_dim):
+    """pool_l [P, W] as rows of head_dim numbers, a view: row i starts at number i s, where
+    s = gcd(row stride, head_dim) divides the start of every head's K or V (s is head_dim unless
+    tensor parallelism keeps a part of each page that head_dim does not divide: rows overlap)."""
+    step = math.gcd(pool_l.stride(0), head_dim)
+    last_start = (pool_l.shape[0] - 1) * pool_l.stride(0) + pool_l.shape[1] - head_dim
+    return pool_l.as_strided((last_start // step + 1, head_dim), (step, 1))
+
+
+def _attend_groups(q, pool_l, plan, out):
+    """The CPU's attention by the plan's groups: each gathers its K and V once per layer, head
+    by head, then attends in one batch. q [N, nh, D] -> out [N, nh, D]."""
+    (_, nh, D), nkv = q.shape, plan.n_kv_heads
+    rows = _pool_rows(pool_l, D)
+    for grp in plan.groups:
+        B, T = grp.queries.shape
+        k, v = rows.index_select(0, grp.kv_rows).view(2, B * nkv, -1, D)          # [B nkv, n, D]
+        o = _attend(q[grp.queries], k, v, grp.bias)                               # [B, T, nh, D]
+        out.index_copy_(0, grp.targets, o.reshape(B * T, nh, D).index_select(0, grp.keep))
     return out
 
 
-def _attend_own(q, pool_l, block_table, seq_ids, positions, n_kv_heads):
-    """Tokens of different requests batched, token i seeing positions 0..positions[i] of request
-    seq_ids[i]. Where a longer row reads further, a shorter one reads its own last position again
-    (then masked): no row reads a page it does not own. q [B, nh, D] -> [B, nh, D]."""
-    B, nh, D = q.shape
-    pos = torch.arange(int(positions.max()) + 1, device=q.device)                       # [n]
-    own = torch.minimum(pos[None, :], positions.long()[:, None])                        # [B, n]
-    k, v = _gather_kv(pool_l, block_table, seq_ids[:, None].expand_as(own), own, n_kv_heads * D)
-    k, v = k.view(B, -1, n_kv_heads, D), v.view(B, -1, n_kv_heads, D)
-    allowed = (pos[None, :] <= positions[:, None])[:, None, :]                          # [B, 1, n]
-    return _attend(q[:, None], k, v, allowed)[:, 0]
-
-
-def _gather_kv(pool_l, block_table, seq_ids, positions, kv_dim):
-    """K, V [..., kv_dim] cached at `positions` of requests `seq_ids` (both of one shape)."""
-    g = pool_l.shape[1] // kv_dim
-    pages = block_table[seq_ids.long(), positions.long() // g].long()          # [..., 2]
-    slots = pool_l.view(pool_l.shape[0], g, kv_dim)                            # [P, g, kv_dim]
-    return slots[pages[..., 0], positions.long() % g], slots[pages[..., 1], positions.long() % g]
-
-
-def _attend(q, k, v, allowed):
-    """softmax(q k^T / sqrt(D)) v with GQA: q [B, T, nh, D], k/v [B, n, nkv, D], allowed
-    [B, T, n]. Query head h = j g + i (i < g) reads K/V head j: shared, not copied."""
+def _attend(q, k, v, bias):
+    """softmax(q k^T / sqrt(D) + bias) v with GQA: q [B, T, nh, D], k/v [B nkv, n, D], bias
+    [B nkv, g T, n] (0 or -inf) -> [B, T, nh, D]. Query head h = j g + i (i < g) reads K/V head j,
+    so the g heads of a group and the T queries are one matrix of g T rows against that head's
+    keys (nothing copied per head); products in float32."""
     B, T, nh, D = q.shape
-    nkv = k.shape[2]
-    qg = q.float().view(B, T, nkv, nh // nkv, D)                                # [B, T, nkv, g, D]
-    scores = torch.einsum("btjid,bnjd->bjitn", qg, k.float()) / math.sqrt(D)   # [B, nkv, g, T, n]
-    weights = scores.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1)
-    out = torch.einsum("bjitn,bnjd->btjid", weights, v.float())                 # [B, T, nkv, g, D]
-    return out.reshape(B, T, nh, D).to(q.dtype)
+    nkv = k.shape[0] // B
+    qg = q.float().view(B, T, nkv, nh // nkv, D).permute(0, 2, 3, 1, 4)        # [B, nkv, g, T, D]
+    scores = torch.baddbmm(bias, qg.reshape(B * nkv, -1, D), k.float().transpose(1, 2),
+                           alpha=1 / math.sqrt(D))                              # [B nkv, g T, n]
+    o = torch.bmm(scores.softmax(-1), v.float())                                # [B nkv, g T, D]
+    return o.view(B, nkv, nh // nkv, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, nh, D).to(q.dtype)
+
+
+def paged_attention(q, pool_l, plan: AttentionPlan, *, out=None,
+                    use_triton: Optional[bool] = None):
+    """q [N, nh, D] of the plan's tokens -> [N, nh, D], token t attending to positions
+    0..positions[t] of its request; their K/V (its own included) must be in pool_l already."""
+    g = _check_attention(q, pool_l, plan.block_table, plan.n_kv_heads)
+    if q.shape[0] != plan.seq_ids.shape[0] or (*pool_l.shape, pool_l.stride(0)) != plan.pool_rows:
+        raise ValueError(f"q {tuple(q.shape)} and pool_l {tuple(pool_l.shape)} (row stride "
+                         f"{pool_l.stride(0)}) do not fit a plan of {plan.seq_ids.shape[0]} tokens "
+                         f"over pool_l (P, W, row stride) = {plan.pool_rows}")
+    o = _output(out, q.shape, q.dtype, q.device)
+    if _want_triton(use_triton, q):
+        return _launch_attention(q, pool_l, plan.block_table, plan.seq_ids, plan.kv_lens,
+                                 plan.n_kv_heads, g, o)
+    if plan.groups is None:
+        raise ValueError("this plan was made for the Triton kernel (use_triton)")
+    return _attend_groups(q, pool_l, plan, o)
 
 
 def paged_attention_decode(q, pool_l, block_table, seq_lens, n_kv_heads, *,
@@ -523,19 +634,22 @@ def paged_attention_decode(q, pool_l, block_table, seq_lens, n_kv_heads, *,
 
 def paged_attention_prefill(q, pool_l, block_table, seq_ids, positions, n_kv_heads, *,
                             out=None, use_triton: Optional[bool] = None):
-    """q [N, nh, D] of tokens at `positions` of requests `seq_ids` -> [N, nh, D]; the K/V of
-    every attended position, the token's own included, must already be in the pool."""
-    g = _check_attention(q, pool_l, block_table, n_kv_heads)
-    _check_tensor("seq_ids", seq_ids, 1, _INTS, q.device, q.shape[0])
-    _check_tensor("positions", positions, 1, _INTS, q.device, q.shape[0])
-    _check_ranges([("seq_ids", seq_ids, 0, block_table.shape[0]),
-                   ("positions", positions, 0, block_table.shape[1] * g),
-                   ("block_table", block_table, 0, pool_l.shape[0])])
-    o = _output(out, q.shape, q.dtype, q.device)
-    if not _want_triton(use_triton, q):
-        return o.copy_(paged_attention_prefill_ref(q, pool_l, block_table, seq_ids, positions,
-                                                   n_kv_heads))
-    return _launch_attention(q, pool_l, block_table, seq_ids, positions + 1, n_kv_heads, g, o)
+    """q [N, nh, D] of tokens at `positions` of requests `seq_ids` -> [N, nh, D]: one step's
+    plan (paged_attention_plan), used once."""
+    _check_attention(q, pool_l, block_table, n_kv_heads)
+    plan = paged_attention_plan(pool_l, block_table, seq_ids, positions, n_kv_heads, q.shape[2],
+                                use_triton=use_triton)
+    return paged_attention(q, pool_l, plan, out=out, use_triton=use_triton)
+
+
+def paged_attention_write(pool_l, k, v, plan: AttentionPlan):
+    """write_kv for the plan's tokens: K and V [N, kv_dim] into the slots it found."""
+    if (*pool_l.shape, pool_l.stride(0)) != plan.pool_rows or k.shape[0] != plan.seq_ids.shape[0]:
+        raise ValueError(f"paged_attention_write: k {tuple(k.shape)}, pool_l "
+                         f"{tuple(pool_l.shape)} do not fit the plan's {plan.seq_ids.shape[0]} "
+                         f"tokens over pool_l (P, W, row stride) = {plan.pool_rows}")
+    _check_kv(pool_l, k, v)
+    _write_slots(pool_l, k, v, *plan.write_at)
 
 
 def _launch_attention(q, pool_l, block_table, seq_ids, kv_lens, n_kv_heads, g, o):
@@ -556,18 +670,27 @@ def _attention_tiles(heads_per_kv, head_dim):
 
 def write_kv(pool_l, k, v, block_table, seq_ids, positions):
     """Store token t's K and V [kv_dim] in slot positions[t] % g of its block's K and V pages."""
-    N, kv_dim = k.shape
-    if pool_l.shape[1] % kv_dim or v.shape != k.shape or pool_l.dtype != k.dtype:
-        raise ValueError(f"write_kv: k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} do not fit "
-                         f"pool_l {tuple(pool_l.shape)} {pool_l.dtype} (H a multiple of kv_dim)")
-    g = pool_l.shape[1] // kv_dim
+    _check_kv(pool_l, k, v)
+    g = pool_l.shape[1] // k.shape[1]
     _check_ranges([("seq_ids", seq_ids, 0, block_table.shape[0]),
                    ("positions", positions, 0, block_table.shape[1] * g),
                    ("block_table", block_table, 0, pool_l.shape[0])])
     pages = block_table[seq_ids.long(), positions.long() // g].long()          # [N, 2]
-    slots = pool_l.view(pool_l.shape[0], g, kv_dim)                            # [P, g, kv_dim]
-    slots.index_put_((pages[:, 0], positions.long() % g), k)
-    slots.index_put_((pages[:, 1], positions.long() % g), v)
+    _write_slots(pool_l, k, v, pages[:, 0], pages[:, 1], positions.long() % g)
+
+
+def _check_kv(pool_l, k, v):
+    if k.dim() != 2 or v.shape != k.shape or pool_l.shape[1] % k.shape[1] or pool_l.dtype != k.dtype:
+        raise ValueError(f"write_kv: k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} do not fit "
+                         f"pool_l {tuple(pool_l.shape)} {pool_l.dtype} (H a multiple of kv_dim)")
+
+
+def _write_slots(pool_l, k, v, k_pages, v_pages, slots):
+    """K [N, kv_dim] into slot slots[t] of page k_pages[t], V likewise."""
+    kv_dim = k.shape[1]
+    slot_view = pool_l.view(pool_l.shape[0], pool_l.shape[1] // kv_dim, kv_dim)   # [P, g, kv_dim]
+    slot_view.index_put_((k_pages, slots), k)
+    slot_view.index_put_((v_pages, slots), v)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -679,7 +802,8 @@ def _random_step(cfg, device, dtype):
     choices = torch.tensor([int(r) for r in cfg.ranks.split(",")], dtype=torch.int32)
     ranks = choices[torch.randint(len(choices), (cfg.adapters + 1,), generator=g)]
     ranks[0] = 0
-    ca, cb = -(-cfg.in_dim // cfg.hidden), -(-cfg.out_dim // cfg.hidden)   # pages per row
+    I, O = cfg.in_dim or cfg.hidden, cfg.out_dim or cfg.hidden
+    ca, cb = -(-I // cfg.hidden), -(-O // cfg.hidden)                      # pages per row
     a_start = torch.cumsum((ca + cb) * ranks, 0, dtype=torch.int32) - (ca + cb) * ranks
     pages = 2 * int((ca + cb) * ranks.sum())                            # A rows, then B^T rows
     tables = [torch.randperm(pages, generator=g)[:pages // 2].int(), a_start, a_start + ca * ranks,
@@ -692,8 +816,8 @@ def _random_step(cfg, device, dtype):
     else:                        # decode: sorted by adapter as the engine sorts, one token each
         slots = slots.sort().values
         segments = torch.arange(cfg.tokens + 1, dtype=torch.int32), slots
-    x = torch.randn(cfg.tokens, cfg.in_dim, generator=g).to(device, dtype)
-    pool_l = (torch.randn(pages, cfg.hidden, generator=g) / cfg.in_dim ** 0.5).to(device, dtype)
+    x = torch.randn(cfg.tokens, I, generator=g).to(device, dtype)
+    pool_l = (torch.randn(pages, cfg.hidden, generator=g) / I ** 0.5).to(device, dtype)
     tables, slots = [t.to(device) for t in tables], slots.to(device)
     plan = plan_lora(pool_l, *tables, *(s.to(device) for s in segments), int(ranks.max()),
                      per_token=cfg.shape == "decode", a_chunks=ca, b_chunks=cb)   # checked once

@@ -160,21 +160,22 @@ class Attention(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, -1)                                    # [B, T, nh hd]
         return project(self.o_proj, o, None, layer, "o_proj", self.all_reduce)
 
-    def forward_paged(self, x, cos, sin, batch, pool_l, layer, lora):
-        """x [N, H]: write this step's K/V into the pool pages, attend over each request's pages."""
+    def kv_pool(self, pool_l):
+        """The part of each page this layer's K/V use: g = nh / nkv tokens of kv_dim numbers (all
+        H numbers, or this device's heads under tensor parallelism)."""
+        return pool_l[:, :self.cfg.n_heads // self.cfg.n_kv_heads * self.cfg.kv_dim]
+
+    def forward_paged(self, x, cos, sin, pool_l, layer, lora, plan: kernels.AttentionPlan):
+        """x [N, H]: write this step's K/V into the pool pages, attend over each request's pages
+        (the step's plan: paged_attention_plan, made once for every layer)."""
         c, N = self.cfg, x.shape[0]
         q = project(self.q_proj, x, lora, layer, "q_proj").view(N, c.n_heads, c.head_dim)
         k = project(self.k_proj, x, lora, layer, "k_proj").view(N, c.n_kv_heads, c.head_dim)
         v = project(self.v_proj, x, lora, layer, "v_proj")                          # [N, kv_dim]
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-        # A page holds g tokens: all H numbers, or this device's heads under tensor parallelism.
-        kv_pool = pool_l[:, :c.n_heads // c.n_kv_heads * c.kv_dim]
-        table, seq_ids, positions = batch.block_table, batch.seq_ids, batch.positions
-        kernels.write_kv(kv_pool, k.reshape(N, c.kv_dim), v, table, seq_ids, positions)
-        if N == batch.seq_lens.numel():  # one token per request: the decode kernel
-            o = kernels.paged_attention_decode(q, kv_pool, table, batch.seq_lens, c.n_kv_heads)
-        else:
-            o = kernels.paged_attention_prefill(q, kv_pool, table, seq_ids, positions, c.n_kv_heads)
+        kv_pool = self.kv_pool(pool_l)
+        kernels.paged_attention_write(kv_pool, k.reshape(N, c.kv_dim), v, plan)
+        o = kernels.paged_attention(q, kv_pool, plan)                               # [N, nh, hd]
         return project(self.o_proj, o.reshape(N, -1), lora, layer, "o_proj", self.all_reduce)  # [N, H]
 
 
@@ -273,12 +274,14 @@ class Llama(nn.Module):
     def forward_paged(self, batch: Batch, pool, lora: Optional[Callable] = None):
         """S-LoRA's ragged step: a batch of N tokens, pool [L, P, H] -> logits [R, V] of the
         requests' last tokens."""
-        c = self.config
+        c, attn = self.config, self.model.layers[0].self_attn   # every layer's attention alike
+        plan = kernels.paged_attention_plan(attn.kv_pool(pool[0]), batch.block_table, batch.seq_ids,
+                                            batch.positions, attn.cfg.n_kv_heads, c.head_dim)
         cos, sin = rope_cos_sin(batch.positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [N, hd]
         x = self.model.embed_tokens(batch.tokens)                                         # [N, H]
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
-            x = x + layer.self_attn.forward_paged(h, cos, sin, batch, pool[i], i, lora)
+            x = x + layer.self_attn.forward_paged(h, cos, sin, pool[i], i, lora, plan)
             x = x + layer.mlp(layer.post_attention_layernorm(x), lora, i)
         return self.lm_head(self.model.norm(x[batch.last_index]))                         # [R, V]
 

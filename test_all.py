@@ -1497,6 +1497,44 @@ def test_nan_in_free_pages_page_0_and_unused_slots_reaches_no_request(use_triton
                                atol=1e-5, rtol=1e-5)
 
 
+def test_one_attention_plan_serves_every_layer_and_chunks_long_prompts(monkeypatch):
+    """paged_attention_plan, made once per step, gives each layer's pool its own attention (the
+    dense reference of that layer's K/V); prompts are split into several CPU groups when their
+    padded scores exceed ATTEND_NUMBERS, with the same result; a pool of another shape is refused."""
+    layers = [make_kv([1, 7, 40, 5], n_heads=6, n_kv_heads=2, head_dim=12, dtype=torch.float32,
+                      seed=s) for s in (6, 6)]
+    layers[1].k, layers[1].v = layers[1].k.flip(0), layers[1].v.flip(0)   # other K/V, same pages
+    kernels.write_kv(layers[1].pool, layers[1].k, layers[1].v, layers[1].block_table,
+                     layers[1].seq_ids, layers[1].positions)
+    kv, rows = layers[0], torch.arange(53, device=DEV)
+    args = (kv.block_table, kv.seq_ids, kv.positions, 2, 12)
+    plans = [kernels.paged_attention_plan(kv.pool, *args)]
+    monkeypatch.setattr(kernels, "ATTEND_NUMBERS", 6 * 8 * 8)   # one prefill request per group
+    plans.append(kernels.paged_attention_plan(kv.pool, *args))
+    assert [len(p.groups) for p in plans] == [2, 4]              # decodes, then 1 or 3 chunks
+    for plan in plans:
+        for layer in layers:
+            out = kernels.paged_attention(layer.q, layer.pool, plan)
+            torch.testing.assert_close(out.double(), dense_attention(layer, rows), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not fit a plan of 53 tokens"):
+        kernels.paged_attention(kv.q, kv.pool[:-1], plans[0])
+
+
+def test_attention_reads_a_page_slice_whose_width_head_dim_does_not_divide():
+    """Tensor parallelism can keep a part of each page whose row stride the head dim does not
+    divide (here 24 numbers of 44-number rows, head dim 8): the CPU's row view then overlaps, and
+    writes and reads still equal the dense attention."""
+    kv = make_kv([4, 9], n_heads=3, n_kv_heads=3, head_dim=8, dtype=torch.float32)   # g = 1
+    wide = torch.full((kv.pool.shape[0], 44), float("nan"), device=DEV)
+    pool = wide[:, :24]                                                  # [P, 24], row stride 44
+    rows = torch.arange(13, device=DEV)
+    plan = kernels.paged_attention_plan(pool, kv.block_table, kv.seq_ids, kv.positions, 3, 8)
+    kernels.paged_attention_write(pool, kv.k, kv.v, plan)
+    torch.testing.assert_close(kernels.paged_attention(kv.q, pool, plan).double(),
+                               dense_attention(kv, rows), atol=1e-5, rtol=1e-5)
+    assert torch.isnan(wide[:, 24:]).all()                               # nothing written beyond
+
+
 def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
     """What the engine can launch (each dtype, decode and prefill tiles, shrink and expand of rows
     on one page (q, k, v, o) or over several (down's A, gate's and up's B^T), attention for head
@@ -2070,6 +2108,24 @@ def test_trace_statistics():
     assert {len(r["prompt"]) for r in trace} == set(range(3, 10))
     uniform = serve.make_trace(serve.TraceConfig(adapters=50, rate=20.0, duration=1000.0, alpha=1.0), 100)
     assert abs(np.mean([r["adapter"] < 5 for r in uniform]) - 0.1) < 0.01
+
+
+def test_vs_peft_says_what_is_missing_and_compares_real_peft_adapter_files(monkeypatch, tmp_path):
+    """--vs-peft without transformers or peft stops, naming them (they are not dependencies);
+    the adapters it compares are PEFT files written by lora.py, of the workload's ranks, with a
+    non-zero B, that the engine's loader reads back."""
+    monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match="missing here: transformers, peft"):
+        serve.vs_peft(serve.BenchConfig(vs_peft=True), E.EngineConfig())
+    monkeypatch.undo()
+    cfg, w = ModelConfig.tiny(), serve.PeftWorkload(adapters=4)
+    paths = serve.write_peft_adapters(cfg, w, str(tmp_path))
+    assert list(paths) == [f"adapter-{i}" for i in range(4)]
+    for i, (name, path) in enumerate(paths.items()):
+        lcfg, tensors = read_adapter(path)
+        assert lcfg.r == w.ranks[i] and sorted(lcfg.targets) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        assert all(t.abs().sum() > 0 for t in tensors.values())
+        assert HostAdapter.from_dir(name, path, cfg.n_layers, cfg.dim).rank == lcfg.r
 
 
 def test_1000_request_trace_ends_with_every_page_free(served):
