@@ -36,6 +36,7 @@ import engine as E  # noqa: E402
 import baselines as B  # noqa: E402
 import serve  # noqa: E402
 import tp  # noqa: E402
+import vs_peft  # noqa: E402
 import train  # noqa: E402
 import trainer  # noqa: E402
 import decode  # noqa: E402
@@ -2114,12 +2115,12 @@ def test_vs_peft_says_what_is_missing_and_compares_real_peft_adapter_files(monke
     """--vs-peft without transformers or peft stops, naming them (they are not dependencies);
     the adapters it compares are PEFT files written by lora.py, of the workload's ranks, with a
     non-zero B, that the engine's loader reads back."""
-    monkeypatch.setattr(serve.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(vs_peft.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match="missing here: transformers, peft"):
-        serve.vs_peft(serve.BenchConfig(vs_peft=True), E.EngineConfig())
+        vs_peft.compare(None, 1, 1, E.EngineConfig())
     monkeypatch.undo()
-    cfg, w = ModelConfig.tiny(), serve.PeftWorkload(adapters=4)
-    paths = serve.write_peft_adapters(cfg, w, str(tmp_path))
+    cfg, w = ModelConfig.tiny(), vs_peft.PeftWorkload(adapters=4)
+    paths = vs_peft.write_peft_adapters(cfg, w, str(tmp_path))
     assert list(paths) == [f"adapter-{i}" for i in range(4)]
     for i, (name, path) in enumerate(paths.items()):
         lcfg, tensors = read_adapter(path)

@@ -1,0 +1,126 @@
+"""The engine beside what a user would pick instead: transformers + PEFT's mixed-adapter batch.
+
+PEFT (0.21) can run one batch whose rows use different adapters (`generate(adapter_names=...)`):
+every prompt padded to the longest, each LoRA layer splitting the batch by adapter. The engine
+serves the same requests unpadded, joined and left token by token (S-LoRA, arXiv 2311.03285,
+sections 3 and 5). `python serve.py --vs-peft` times both on the real SmolLM2 in one process, the
+same weights (written by checkpoints.save_hf) and the same PEFT adapter files (written by
+lora.save_adapter), and counts how many outputs agree.
+Simplified: one fixed workload (PeftWorkload); greedy, no end token.
+Demo: `python serve.py --vs-peft --repeat 3` (needs transformers and peft, which are not
+dependencies of this project: without them it says so and stops).
+Letters: B batch rows, T0 longest prompt, H model dim, r rank.
+"""
+import importlib.util
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from checkpoints import default_model_path, load_model, save_hf
+from engine import Engine, EngineConfig
+from lora import LoRAConfig, add_lora, lora_layers, save_adapter
+from model import Llama, ModelConfig
+
+
+@dataclass(frozen=True)
+class PeftWorkload:
+    """--vs-peft: every request submitted at once, greedy, all new tokens generated (no EOS)."""
+    requests: int = 48
+    adapters: int = 12
+    ranks: tuple = (8, 16, 32, 64)          # adapter i has rank ranks[i % 4], on q, k, v, o
+    prompt_len: tuple = (16, 64)            # uniform, inclusive
+    new_tokens: int = 32
+    seed: int = 0
+
+
+def write_peft_adapters(cfg: ModelConfig, w: PeftWorkload, directory: str) -> Dict[str, str]:
+    """Random adapters written by lora.py in PEFT's format: name -> directory. A model shell on
+    the meta device gives the module names; only the LoRA weights are real (A ~ N(0, 1/H) and
+    B ~ N(0, 1/r), so that each adapter changes the greedy text)."""
+    gen, paths = torch.Generator().manual_seed(w.seed), {}
+    for i in range(w.adapters):
+        lcfg = LoRAConfig(r=w.ranks[i % len(w.ranks)], alpha=16.0,
+                          targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+        with torch.device("meta"):
+            shell = add_lora(Llama(cfg), lcfg)
+        for m in lora_layers(shell).values():
+            for lin, std in ((m.lora_A, cfg.dim ** -0.5), (m.lora_B, 1 / lcfg.r)):
+                lin.to_empty(device="cpu")
+                torch.nn.init.normal_(lin.weight, std=std, generator=gen)
+        paths[f"adapter-{i}"] = os.path.join(directory, f"adapter-{i}")
+        save_adapter(shell, paths[f"adapter-{i}"], lcfg, cfg.name)
+    return paths
+
+
+def _peft_model(hf_dir: str, adapters: Dict[str, str]):
+    """transformers' Llama with every adapter loaded by PEFT (imported here: not dependencies)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    (first, path), *rest = adapters.items()
+    peft_model = PeftModel.from_pretrained(hf, path, adapter_name=first)
+    for name, path in rest:
+        peft_model.load_adapter(path, adapter_name=name)
+    return peft_model.eval()
+
+
+def _peft_generate(peft_model, prompts: List[List[int]], names: List[str], new_tokens: int):
+    """PEFT's mixed-adapter batch: prompts left-padded to the longest, adapter_names per row."""
+    T0 = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (T0 - len(p)) + p for p in prompts])                     # [B, T0]
+    mask = torch.tensor([[0] * (T0 - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, adapter_names=names,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False, pad_token_id=0)
+    return out[:, T0:].tolist()
+
+
+def compare(base: Optional[str], threads: int, repeat: int, e: EngineConfig):
+    """The engine against PEFT's own mixed-adapter generate: same weights (save_hf), same PEFT
+    adapter files, same process and threads, each side `repeat` times (at least 2) in
+    alternating order; prints the median times, their ratio and how many outputs agree."""
+    missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"--vs-peft needs transformers and peft, which are not dependencies of "
+                         f"this project; missing here: {', '.join(missing)}")
+    torch.set_num_threads(threads)
+    w, (model, _) = PeftWorkload(), load_model(base or default_model_path())
+    rng = np.random.default_rng(w.seed)
+    prompts = [rng.integers(0, model.config.vocab_size, rng.integers(w.prompt_len[0],
+                                                                     w.prompt_len[1] + 1)).tolist()
+               for _ in range(w.requests)]
+    names = [f"adapter-{i % w.adapters}" for i in range(w.requests)]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, os.path.join(tmp, "base"))
+        paths = write_peft_adapters(model.config, w, tmp)
+        peft_model = _peft_model(os.path.join(tmp, "base"), paths)
+        engine = Engine(model, None, **asdict(e))
+        for name, path in paths.items():
+            engine.add_adapter(name, path)
+        sides = {"engine": lambda: engine.generate(prompts, names, w.new_tokens),
+                 "peft": lambda: _peft_generate(peft_model, prompts, names, w.new_tokens)}
+        times, outputs = {"engine": [], "peft": []}, {}
+        for k in range(max(2, repeat)):
+            for side in (("engine", "peft") if k % 2 == 0 else ("peft", "engine")):
+                start = time.perf_counter()
+                outputs[side] = sides[side]()
+                times[side].append(time.perf_counter() - start)
+    _report_vs_peft(w, times, outputs)
+
+
+def _report_vs_peft(w: PeftWorkload, times: Dict[str, List[float]], outputs: Dict[str, list]):
+    med = {side: float(np.median(t)) for side, t in times.items()}
+    same = sum(a == p for a, p in zip(outputs["engine"], outputs["peft"]))
+    print(f"{w.requests} requests over {w.adapters} adapters (ranks {list(w.ranks)}, q,k,v,o), "
+          f"prompts of {w.prompt_len[0]}-{w.prompt_len[1]} tokens, {w.new_tokens} new tokens, "
+          f"greedy, {torch.get_num_threads()} thread(s), medians of {len(times['engine'])}")
+    for side in ("peft", "engine"):
+        print(f"{side:>7}: {med[side]:.2f} s  (runs: {', '.join(f'{t:.2f}' for t in times[side])})")
+    print(f"engine / PEFT speed: {med['peft'] / med['engine']:.2f}x; outputs identical: "
+          f"{same}/{w.requests}")
