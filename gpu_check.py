@@ -37,6 +37,7 @@ import triton
 import triton.testing
 
 import cli
+import attention
 import kernels
 import serve
 import trainer
@@ -167,14 +168,14 @@ def attention_pairs(nh, nkv, D, lens, device, dtype):
     q = torch.randn(len(lens), nh, D, generator=g).to(device, dtype)                # [R, nh, D]
     dec = (q, pool_l, table, torch.tensor(lens, dtype=torch.int32, device=device), nkv)
     what = f"nh={nh} nkv={nkv} D={D}, g={per_page}"
-    yield (f"attention decode, {what}", kernels.paged_attention_decode(*dec, use_triton=True),
-           kernels.paged_attention_decode_ref(*dec))
+    yield (f"attention decode, {what}", attention.paged_attention_decode(*dec, use_triton=True),
+           attention.paged_attention_decode_ref(*dec))
     rows = [(r, p) for r, n in enumerate(lens) for p in range(max(0, n - 4), n)]
     seq_ids, positions = (torch.tensor(c, dtype=torch.int32, device=device) for c in zip(*rows))
     qp = torch.randn(len(rows), nh, D, generator=g).to(device, dtype)               # [N, nh, D]
     pre = (qp, pool_l, table, seq_ids, positions, nkv)
-    yield (f"attention prefill, {what}", kernels.paged_attention_prefill(*pre, use_triton=True),
-           kernels.paged_attention_prefill_ref(*pre))
+    yield (f"attention prefill, {what}", attention.paged_attention_prefill(*pre, use_triton=True),
+           attention.paged_attention_prefill_ref(*pre))
 
 
 def part_a(s: Sizes, device, cfg: CheckConfig, write):

@@ -1,4 +1,4 @@
-"""S-LoRA's kernels: batched LoRA for many adapters, and paged attention, over one page pool.
+"""S-LoRA's kernels: batched LoRA for many adapters at once, read from one page pool.
 
 S-LoRA (Sheng et al. 2023, arXiv 2311.03285) serves many adapters in one batch. Section 4
 (Unified Paging) keeps the KV cache and the adapter weights in one pool of pages of H numbers;
@@ -19,7 +19,8 @@ adapter tile read from the pool serves 16 tokens. "Multi-size": adapters of diff
 one launch. Slot 0 is the base model (rank 0): its tokens get exact zeros, so base-model requests
 mix freely with adapted ones.
 
-Pool layout, defined here once (paging.py allocates it, model.py and these kernels read it):
+Pool layout, defined here once (paging.py allocates it, model.py, these kernels and attention.py
+read it):
 
     pool [L, P, H]: allocating page p reserves pool[l, p, :] in every layer l; pool[l] is [P, H].
                  <------------------------------- H numbers ------------------------------->
@@ -33,12 +34,10 @@ Pool layout, defined here once (paging.py allocates it, model.py and these kerne
     page 41   | numbers 2H .. F-1    | unused: C_B H - F numbers       |  (down: A [r, F] alike)
     (pages of any owner lie anywhere, in any order)
 
-The page lookup. KV: token position p of request i lies in block p // g, on pages
-block_table[i, p // g] = (K page, V page), at column (p % g) kv_dim + h D + d (KV head h, dim d).
-With GQA a page holds the K (or V) of g = nh / nkv tokens, so a KV page wastes nothing; the price
-is on the adapter side, where the B^T pages of k_proj/v_proj use kv_dim of their H numbers.
-Adapters: a row of width W spans C = ceil(W / H) pages, numbers c H .. c H + H - 1 on its c-th;
-numbers c H + h of A row j of slot s are at column h of page page_ids[a_start[s] + j C_A + c],
+The page lookup (KV pages: attention.py). With GQA a KV page holds the K (or V) of g = nh / nkv
+tokens and wastes nothing; the price is on the adapter side, where the B^T pages of k_proj/v_proj
+use kv_dim of their H numbers. Adapters: a row of width W spans C = ceil(W / H) pages, numbers
+c H .. c H + H - 1 on its c-th; numbers c H + h of A row j of slot s are at column h of page page_ids[a_start[s] + j C_A + c],
 those of B^T row j on page page_ids[b_start[s] + j C_B + c], j < ranks[s]; scales[s] = alpha / r.
 q, k, v, o rows fit one page (C_A = C_B = 1). The kernels walk a row chunk by chunk (a page each),
 so the same two kernels serve every target; each keeps, as a compile-time variant (ONE_PAGE), its
@@ -48,8 +47,8 @@ paging.py explains the choice of several pages per row over a second page width.
 
 Shape letters: N tokens, H pool width (model dim), P pages, L layers, S adapter slots, r rank of
 one adapter, Rm max rank, I input width, O output width, F ffn_dim, C pages per row (C_A of A,
-C_B of B^T), G segments, T tokens of one segment, R requests, MB blocks per request, nh query
-heads, nkv KV heads, D head dim, g tokens per KV page, n positions.
+C_B of B^T), G segments, T tokens of one segment, nh query heads, nkv KV heads, D head dim,
+g tokens per KV page.
 
 One interface for every caller: plan_lora checks a step's adapter tables and segments once (one
 host sync) and returns a LoRAPlan; then per layer lora_apply = lora_expand(lora_shrink(x)). Each
@@ -58,15 +57,11 @@ public function runs its Triton kernel `_name_kernel` on a GPU and the plain-PyT
 (TRITON_INTERPRET=1 set before triton is imported, as the tests do). On a CPU lora_apply runs one
 pair of matrix products per run of tokens that share an adapter (lora_runs), A and B^T read in
 place from the pool (an adapter's pages are allocated consecutively): the bytes a kernel reads.
-Attention likewise: paged_attention_plan checks a step's tokens and page tables once and finds
-what every layer reads; paged_attention then runs per layer (Triton: one program per token and KV
-head; CPU: the plan's K/V rows gathered head by head in one index_select, then two bmm per group).
-Simplified: prefill attention runs one program per query token (no query tiling as in
-FlashAttention); tiles are multiplied in float32 (no tensor cores), cheap as r << H.
+Simplified: tiles are multiplied in float32 (no tensor cores), cheap as r << H.
 Demo: `python kernels.py --small` times the gathered path, the padded-bmm baseline and the base
 GEMM (`--in-dim`, `--out-dim`: rows wider than a page, as down, gate and up have);
-`python kernels.py --compile` compiles every kernel variant for sm_80 and sm_90 (no GPU
-needed) and prints registers, spills and shared memory.
+`python kernels.py --compile` compiles every LoRA kernel variant for sm_80 and sm_90 (no GPU
+needed) and prints registers, spills and shared memory (`python attention.py`: attention's).
 """
 import math
 import os
@@ -99,9 +94,6 @@ class LoRATiles:
 
 DECODE_TILES = LoRATiles(tokens=1, rank=16, hidden=128, out=64)    # MBGMV: vector x matrix
 PREFILL_TILES = LoRATiles(tokens=16, rank=16, hidden=64, out=64)   # MBGMM: matrix x matrix
-KEYS_TILE = 32               # BLOCK_N: cached positions per step of attention's online softmax
-GROUP_TILE = 16              # BLOCK_G: query heads sharing a KV head (GQA groups up to 16)
-HEAD_TILES = (16, 32, 64, 128)   # BLOCK_D: the head dim rounded up to one of these
 
 
 # ---------------------------------------------------------------- LoRA: shrink and expand
@@ -257,18 +249,18 @@ def plan_lora(pool_l, page_ids, a_start, b_start, ranks, scales, seg_starts, seg
     every index in one host sync; per_token picks the decode tiles (MBGMV), else MBGMM's;
     a_chunks and b_chunks (C_A, C_B) are the pages per row of A and of B^T."""
     dev = pool_l.device
-    _check_tensor("ranks", ranks, 1, _INTS, dev)
-    _check_tensor("seg_adapter", seg_adapter, 1, _INTS, dev)
+    check_tensor("ranks", ranks, 1, INTS, dev)
+    check_tensor("seg_adapter", seg_adapter, 1, INTS, dev)
     for name, t, length, dtypes in (
-            ("page_ids", page_ids, None, _INTS), ("a_start", a_start, ranks.shape[0], _INTS),
-            ("b_start", b_start, ranks.shape[0], _INTS), ("scales", scales, ranks.shape[0], _F32),
-            ("seg_starts", seg_starts, seg_adapter.shape[0] + 1, _INTS)):
-        _check_tensor(name, t, 1, dtypes, dev, length)
+            ("page_ids", page_ids, None, INTS), ("a_start", a_start, ranks.shape[0], INTS),
+            ("b_start", b_start, ranks.shape[0], INTS), ("scales", scales, ranks.shape[0], _F32),
+            ("seg_starts", seg_starts, seg_adapter.shape[0] + 1, INTS)):
+        check_tensor(name, t, 1, dtypes, dev, length)
     for name, n in (("max_rank", max_rank), ("a_chunks", a_chunks), ("b_chunks", b_chunks)):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
     lengths, live, n_ids = seg_starts[1:] - seg_starts[:-1], ranks > 0, page_ids.shape[0]
-    _check_ranges([("seg_adapter", seg_adapter, 0, ranks.shape[0]),
+    check_ranges([("seg_adapter", seg_adapter, 0, ranks.shape[0]),
                    ("seg_starts[0]", seg_starts[:1], 0, 1),
                    ("segment lengths", lengths, 0, math.inf), ("ranks", ranks, 0, max_rank + 1),
                    ("page_ids", page_ids, 0, pool_l.shape[0])]
@@ -315,8 +307,8 @@ def lora_shrink(x, pool_l, plan: LoRAPlan, *, out=None, use_triton: Optional[boo
     """x [N, I] -> z [N, Rm] float32 with z[t, :r] = x[t] A[a]^T (MBGMV or MBGMM by the plan);
     A's first I numbers are read (I <= C_A H: under tensor parallelism a device's share)."""
     _check_x(x, pool_l, plan)
-    z = _output(out, (x.shape[0], plan.max_rank), torch.float32, x.device)
-    if not _want_triton(use_triton, x):
+    z = output_buffer(out, (x.shape[0], plan.max_rank), torch.float32, x.device)
+    if not want_triton(use_triton, x):
         return z.copy_(lora_shrink_ref(x, pool_l, plan))
     tiles, x = plan.tiles, x.contiguous()
     grid = (plan.seg_adapter.shape[0], triton.cdiv(max(plan.longest, 1), tiles.tokens),
@@ -337,8 +329,8 @@ def lora_expand(z, pool_l, plan: LoRAPlan, out_dim, *, out=None,
             or z.dtype != torch.float32 or z.device != pool_l.device:
         raise ValueError(f"z {tuple(z.shape)} {z.dtype} on {z.device} must be float32 "
                          f"[{plan.n_tokens}, >= {plan.max_rank}] on {pool_l.device}")
-    delta = _output(out, (z.shape[0], out_dim), pool_l.dtype, z.device)
-    if not _want_triton(use_triton, z):
+    delta = output_buffer(out, (z.shape[0], out_dim), pool_l.dtype, z.device)
+    if not want_triton(use_triton, z):
         return delta.copy_(lora_expand_ref(z, pool_l, plan, out_dim))
     tiles, z, H = plan.tiles, z.contiguous(), pool_l.shape[1]
     per_chunk = triton.cdiv(min(out_dim, H), tiles.out)   # output blocks per page; O <= H: as one
@@ -355,7 +347,7 @@ def lora_expand(z, pool_l, plan: LoRAPlan, out_dim, *, out=None,
 def lora_apply(x, pool_l, plan: LoRAPlan, out_dim, use_triton: Optional[bool] = None):
     """delta [N, O] = scale[a] (x A[a]^T) B[a]^T for x [N, I] of one layer: shrink then expand
     on a GPU; on a CPU lora_runs over views of the pool rows."""
-    if _want_triton(use_triton, x):
+    if want_triton(use_triton, x):
         z = lora_shrink(x, pool_l, plan, use_triton=True)
         return lora_expand(z, pool_l, plan, out_dim, use_triton=True)
     _check_x(x, pool_l, plan, out_dim)
@@ -407,299 +399,13 @@ def bmm_lora(x, A_l, Bt_l, slots):
     return torch.bmm(z, Bt_l[idx])[:, 0]                                  # [N, 1, Rm] @ [N, Rm, O]
 
 
-# ---------------------------------------------------------------- paged attention
-@triton.jit
-def _paged_attention_kernel(q_ptr, pool_ptr, block_table_ptr, seq_ids_ptr, kv_lens_ptr, out_ptr,
-                            sm_scale, heads_per_kv, head_dim, kv_dim, tokens_per_page,
-                            stride_qt, stride_qh, stride_pool, stride_bt_r, stride_bt_b,
-                            stride_ot, stride_oh,
-                            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (i, h): query row i, the heads_per_kv query heads that share KV head h (GQA: the
-    K/V tile is loaded once for the group). Positions 0..kv_lens[i]-1 of request seq_ids[i],
-    online softmax over tiles of BLOCK_N positions (FlashAttention's running max and sum)."""
-    i, kvh = tl.program_id(0), tl.program_id(1)
-    seq = tl.load(seq_ids_ptr + i).to(tl.int64)
-    n_kv = tl.load(kv_lens_ptr + i)
-    gq = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    qd_ok = (gq[:, None] < heads_per_kv) & (d[None, :] < head_dim)
-    q_off = i * stride_qt + (kvh * heads_per_kv + gq[:, None]) * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=qd_ok, other=0.0).to(tl.float32)                   # [BG, BD]
-    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for n0 in range(0, n_kv, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < n_kv              # masked loads: pages past the request's length are not read
-        block = block_table_ptr + seq * stride_bt_r + (n // tokens_per_page) * stride_bt_b
-        k_page = tl.load(block, mask=n_ok, other=0).to(tl.int64)        # block_table[seq, b, 0]
-        v_page = tl.load(block + 1, mask=n_ok, other=0).to(tl.int64)    # block_table[seq, b, 1]
-        col = (n % tokens_per_page) * kv_dim + kvh * head_dim           # (p % g) kv_dim + h D
-        kv_ok = n_ok[:, None] & (d[None, :] < head_dim)
-        K = tl.load(pool_ptr + k_page[:, None] * stride_pool + col[:, None] + d[None, :],
-                    mask=kv_ok, other=0.0).to(tl.float32)                                 # [BN, BD]
-        V = tl.load(pool_ptr + v_page[:, None] * stride_pool + col[:, None] + d[None, :],
-                    mask=kv_ok, other=0.0).to(tl.float32)                                 # [BN, BD]
-        s = tl.dot(q, tl.trans(K), input_precision="ieee") * sm_scale   # [BG, BD] @ [BD, BN]
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])                                                    # [BG, BN]
-        rescale = tl.exp(m - m_new)
-        l = l * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p, V, input_precision="ieee")  # [BG, BN] @ [BN, BD]
-        m = m_new
-    o = acc / l[:, None]
-    o_off = i * stride_ot + (kvh * heads_per_kv + gq[:, None]) * stride_oh + d[None, :]
-    tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=qd_ok)
-
-
-def paged_attention_decode_ref(q, pool_l, block_table, seq_lens, n_kv_heads):
-    """Row i is the newest token of request i, at position seq_lens[i] - 1: prefill's reference
-    for one token per request."""
-    seq_ids = torch.arange(q.shape[0], device=q.device)
-    return paged_attention_prefill_ref(q, pool_l, block_table, seq_ids, seq_lens - 1, n_kv_heads)
-
-
-def paged_attention_prefill_ref(q, pool_l, block_table, seq_ids, positions, n_kv_heads):
-    """Ragged causal: token t attends to positions 0..positions[t] of request seq_ids[t]."""
-    plan = paged_attention_plan(pool_l, block_table, seq_ids, positions, n_kv_heads, q.shape[2],
-                                use_triton=False)
-    return _attend_groups(q, pool_l, plan, torch.empty_like(q))
-
-
-@dataclass
-class AttendGroup:
-    """Requests whose queries the CPU attends together, padded to T queries and n keys. Padding
-    repeats a request's own last query and last key (then drops or masks them), so that no
-    request reads a slot it has not written: a stale page may hold anything, NaN included."""
-    queries: torch.Tensor   # [B, T] long: the token (row of q) in each query slot
-    keep: torch.Tensor      # [M] long: the slots (of B T) that are not padding
-    targets: torch.Tensor   # [M] long: their tokens
-    kv_rows: torch.Tensor   # [2 B nkv n] long: pool row (_pool_rows) of K, then of V, of head
-                            # j at position min(i, last)
-    bias: torch.Tensor      # [B nkv, g T, n]: 0 where key position i <= the query's, else -inf
-
-
-@dataclass
-class AttentionPlan:
-    """One step's attention, checked and worked out once for all L layers: a page reserves the
-    same row in every layer, so the lookups are the same. Triton reads the block table itself;
-    the CPU reads `groups`: the requests with one token (decodes) in one group, the others in
-    groups whose padded scores (B nh T n numbers) stay under ATTEND_NUMBERS (a longer request
-    alone)."""
-    block_table: torch.Tensor   # [R, MB, 2] int32
-    seq_ids: torch.Tensor       # [N] int32
-    kv_lens: torch.Tensor       # [N] int32: positions + 1, the keys each token sees
-    n_kv_heads: int
-    g: int                      # tokens per KV page
-    pool_rows: tuple            # (P, W, row stride) of the layer views it was made for
-    write_at: tuple             # (K pages, V pages, slots), each [N]: where write_kv stores
-    groups: Optional[list]      # [AttendGroup]; None when Triton runs
-
-
-ATTEND_NUMBERS = 1 << 24   # 64 MiB of float32 scores at most per CPU group
-
-
-def paged_attention_plan(pool_l, block_table, seq_ids, positions, n_kv_heads, head_dim, *,
-                         use_triton: Optional[bool] = None) -> AttentionPlan:
-    """Check a step's tokens (at `positions` of requests `seq_ids`) against the block table and
-    any layer pool_l [P, g kv_dim], in one host sync; on a CPU also find the rows to gather."""
-    _check_tensor("pool_l", pool_l, 2, _FLOATS, pool_l.device)
-    _check_tensor("block_table", block_table, 3, _INTS, pool_l.device)
-    _check_tensor("seq_ids", seq_ids, 1, _INTS, pool_l.device)
-    _check_tensor("positions", positions, 1, _INTS, pool_l.device, seq_ids.shape[0])
-    kv_dim = n_kv_heads * head_dim
-    if pool_l.shape[1] % kv_dim or block_table.shape[2] != 2:
-        raise ValueError(f"pool_l width {pool_l.shape[1]} must be a multiple of kv_dim = "
-                         f"{kv_dim}; block_table [R, MB, 2]: {tuple(block_table.shape)}")
-    g = pool_l.shape[1] // kv_dim
-    _check_ranges([("seq_ids", seq_ids, 0, block_table.shape[0]),
-                   ("positions", positions, 0, block_table.shape[1] * g),
-                   ("block_table", block_table, 0, pool_l.shape[0])])
-    seq_ids, positions = seq_ids.long(), positions.long()
-    groups = None
-    if not _want_triton(use_triton, pool_l):
-        groups = [_attend_group(pool_l, block_table, seq_ids, positions, n_kv_heads, head_dim, tokens)
-                  for tokens in _group_requests(seq_ids, positions, n_kv_heads * g)]
-    pages = block_table[seq_ids, positions // g].long()                                # [N, 2]
-    return AttentionPlan(block_table.to(torch.int32).contiguous(), seq_ids.to(torch.int32),
-                         (positions + 1).to(torch.int32), n_kv_heads, g,
-                         (*pool_l.shape, pool_l.stride(0)), (pages[:, 0], pages[:, 1], positions % g),
-                         groups)
-
-
-def _group_requests(seq_ids, positions, n_heads):
-    """[[token rows of one request, ...] per group] (one host sync): the decodes, then chunks."""
-    tokens, where = {}, positions.tolist()
-    for t, r in enumerate(seq_ids.tolist()):
-        tokens.setdefault(r, []).append(t)
-    decodes = [ts for ts in tokens.values() if len(ts) == 1]
-    groups, chunk, T, n = [decodes] if decodes else [], [], 0, 0
-    for ts in (ts for ts in tokens.values() if len(ts) > 1):
-        own_T, own_n = len(ts), max(where[t] for t in ts) + 1
-        if chunk and (len(chunk) + 1) * n_heads * max(T, own_T) * max(n, own_n) > ATTEND_NUMBERS:
-            groups, chunk, T, n = groups + [chunk], [], 0, 0
-        chunk, T, n = chunk + [ts], max(T, own_T), max(n, own_n)
-    return groups + ([chunk] if chunk else [])
-
-
-def _attend_group(pool_l, block_table, seq_ids, positions, n_kv_heads, head_dim, tokens):
-    """The AttendGroup of requests whose token rows are `tokens` (a list per request)."""
-    dev, T = pool_l.device, max(len(ts) for ts in tokens)
-    g = pool_l.shape[1] // (n_kv_heads * head_dim)
-    queries = torch.tensor([ts + ts[-1:] * (T - len(ts)) for ts in tokens], device=dev)   # [B, T]
-    B = len(tokens)
-    keep = torch.tensor([i * T + j for i, ts in enumerate(tokens) for j in range(len(ts))],
-                        device=dev)
-    query_pos = positions[queries]                                                    # [B, T]
-    last = query_pos.max(dim=1).values                                                # [B]
-    j = torch.arange(int(last.max()) + 1, device=dev)                                 # [n]
-    own = torch.minimum(j[None, :], last[:, None])                                    # [B, n]
-    pages = block_table[seq_ids[queries[:, :1]], own // g].long()                     # [B, n, 2]
-    start = pages * pool_l.stride(0) + (own % g * n_kv_heads * head_dim)[..., None]   # slot's 1st
-    heads = torch.arange(n_kv_heads, device=dev)[None, :, None, None] * head_dim
-    rows = (start[:, None] + heads) // math.gcd(pool_l.stride(0), head_dim)       # [B, nkv, n, 2]
-    hidden = j[None, None, :] > query_pos[:, :, None]                                # [B, T, n]
-    bias = torch.zeros(B, n_kv_heads, g, T, len(j), device=dev).masked_fill_(hidden[:, None, None],
-                                                                             -math.inf)
-    return AttendGroup(queries, keep, queries.view(-1)[keep], rows.movedim(-1, 0).reshape(-1),
-                       bias.view(B * n_kv_heads, g * T, -1))
-
-
-def _pool_rows(pool_l, head_dim):
-    """pool_l [P, W] as rows of head_dim numbers, a view: row i starts at number i s, where
-    s = gcd(row stride, head_dim) divides the start of every head's K or V (s is head_dim unless
-    tensor parallelism keeps a part of each page that head_dim does not divide: rows overlap)."""
-    step = math.gcd(pool_l.stride(0), head_dim)
-    last_start = (pool_l.shape[0] - 1) * pool_l.stride(0) + pool_l.shape[1] - head_dim
-    return pool_l.as_strided((last_start // step + 1, head_dim), (step, 1))
-
-
-def _attend_groups(q, pool_l, plan, out):
-    """The CPU's attention by the plan's groups: each gathers its K and V once per layer, head
-    by head, then attends in one batch. q [N, nh, D] -> out [N, nh, D]."""
-    (_, nh, D), nkv = q.shape, plan.n_kv_heads
-    rows = _pool_rows(pool_l, D)
-    for grp in plan.groups:
-        B, T = grp.queries.shape
-        k, v = rows.index_select(0, grp.kv_rows).view(2, B * nkv, -1, D)          # [B nkv, n, D]
-        o = _attend(q[grp.queries], k, v, grp.bias)                               # [B, T, nh, D]
-        out.index_copy_(0, grp.targets, o.reshape(B * T, nh, D).index_select(0, grp.keep))
-    return out
-
-
-def _attend(q, k, v, bias):
-    """softmax(q k^T / sqrt(D) + bias) v with GQA: q [B, T, nh, D], k/v [B nkv, n, D], bias
-    [B nkv, g T, n] (0 or -inf) -> [B, T, nh, D]. Query head h = j g + i (i < g) reads K/V head j,
-    so the g heads of a group and the T queries are one matrix of g T rows against that head's
-    keys (nothing copied per head); products in float32."""
-    B, T, nh, D = q.shape
-    nkv = k.shape[0] // B
-    qg = q.float().view(B, T, nkv, nh // nkv, D).permute(0, 2, 3, 1, 4)        # [B, nkv, g, T, D]
-    scores = torch.baddbmm(bias, qg.reshape(B * nkv, -1, D), k.float().transpose(1, 2),
-                           alpha=1 / math.sqrt(D))                              # [B nkv, g T, n]
-    o = torch.bmm(scores.softmax(-1), v.float())                                # [B nkv, g T, D]
-    return o.view(B, nkv, nh // nkv, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, nh, D).to(q.dtype)
-
-
-def paged_attention(q, pool_l, plan: AttentionPlan, *, out=None,
-                    use_triton: Optional[bool] = None):
-    """q [N, nh, D] of the plan's tokens -> [N, nh, D], token t attending to positions
-    0..positions[t] of its request; their K/V (its own included) must be in pool_l already."""
-    g = _check_attention(q, pool_l, plan.block_table, plan.n_kv_heads)
-    if q.shape[0] != plan.seq_ids.shape[0] or (*pool_l.shape, pool_l.stride(0)) != plan.pool_rows:
-        raise ValueError(f"q {tuple(q.shape)} and pool_l {tuple(pool_l.shape)} (row stride "
-                         f"{pool_l.stride(0)}) do not fit a plan of {plan.seq_ids.shape[0]} tokens "
-                         f"over pool_l (P, W, row stride) = {plan.pool_rows}")
-    o = _output(out, q.shape, q.dtype, q.device)
-    if _want_triton(use_triton, q):
-        return _launch_attention(q, pool_l, plan.block_table, plan.seq_ids, plan.kv_lens,
-                                 plan.n_kv_heads, g, o)
-    if plan.groups is None:
-        raise ValueError("this plan was made for the Triton kernel (use_triton)")
-    return _attend_groups(q, pool_l, plan, o)
-
-
-def paged_attention_decode(q, pool_l, block_table, seq_lens, n_kv_heads, *,
-                           out=None, use_triton: Optional[bool] = None):
-    """q [R, nh, D], row i the new token of request i -> [R, nh, D]: prefill with one token per
-    request at position seq_lens[i] - 1 (an error names these positions)."""
-    _check_tensor("seq_lens", seq_lens, 1, _INTS, q.device, q.shape[0])
-    if not isinstance(block_table, torch.Tensor) or block_table.shape[0] != q.shape[0]:
-        raise ValueError(f"block_table needs one row per request of q {tuple(q.shape)}")
-    seq_ids = torch.arange(q.shape[0], device=q.device)
-    return paged_attention_prefill(q, pool_l, block_table, seq_ids, seq_lens - 1, n_kv_heads,
-                                   out=out, use_triton=use_triton)
-
-
-def paged_attention_prefill(q, pool_l, block_table, seq_ids, positions, n_kv_heads, *,
-                            out=None, use_triton: Optional[bool] = None):
-    """q [N, nh, D] of tokens at `positions` of requests `seq_ids` -> [N, nh, D]: one step's
-    plan (paged_attention_plan), used once."""
-    _check_attention(q, pool_l, block_table, n_kv_heads)
-    plan = paged_attention_plan(pool_l, block_table, seq_ids, positions, n_kv_heads, q.shape[2],
-                                use_triton=use_triton)
-    return paged_attention(q, pool_l, plan, out=out, use_triton=use_triton)
-
-
-def paged_attention_write(pool_l, k, v, plan: AttentionPlan):
-    """write_kv for the plan's tokens: K and V [N, kv_dim] into the slots it found."""
-    if (*pool_l.shape, pool_l.stride(0)) != plan.pool_rows or k.shape[0] != plan.seq_ids.shape[0]:
-        raise ValueError(f"paged_attention_write: k {tuple(k.shape)}, pool_l "
-                         f"{tuple(pool_l.shape)} do not fit the plan's {plan.seq_ids.shape[0]} "
-                         f"tokens over pool_l (P, W, row stride) = {plan.pool_rows}")
-    _check_kv(pool_l, k, v)
-    _write_slots(pool_l, k, v, *plan.write_at)
-
-
-def _launch_attention(q, pool_l, block_table, seq_ids, kv_lens, n_kv_heads, g, o):
-    N, nh, D = q.shape
-    bt = block_table.to(torch.int32).contiguous()     # int32 indices: the compiled variants
-    _paged_attention_kernel[(N, n_kv_heads)](
-        q, pool_l, bt, seq_ids.to(torch.int32), kv_lens.to(torch.int32), o,
-        1.0 / math.sqrt(D), nh // n_kv_heads, D, n_kv_heads * D, g,
-        q.stride(0), q.stride(1), pool_l.stride(0), bt.stride(0), bt.stride(1),
-        o.stride(0), o.stride(1), **_attention_tiles(nh // n_kv_heads, D))
-    return o
-
-
-def _attention_tiles(heads_per_kv, head_dim):
-    return dict(BLOCK_G=max(GROUP_TILE, triton.next_power_of_2(heads_per_kv)), BLOCK_N=KEYS_TILE,
-                BLOCK_D=max(HEAD_TILES[0], triton.next_power_of_2(head_dim)))
-
-
-def write_kv(pool_l, k, v, block_table, seq_ids, positions):
-    """Store token t's K and V [kv_dim] in slot positions[t] % g of its block's K and V pages."""
-    _check_kv(pool_l, k, v)
-    g = pool_l.shape[1] // k.shape[1]
-    _check_ranges([("seq_ids", seq_ids, 0, block_table.shape[0]),
-                   ("positions", positions, 0, block_table.shape[1] * g),
-                   ("block_table", block_table, 0, pool_l.shape[0])])
-    pages = block_table[seq_ids.long(), positions.long() // g].long()          # [N, 2]
-    _write_slots(pool_l, k, v, pages[:, 0], pages[:, 1], positions.long() % g)
-
-
-def _check_kv(pool_l, k, v):
-    if k.dim() != 2 or v.shape != k.shape or pool_l.shape[1] % k.shape[1] or pool_l.dtype != k.dtype:
-        raise ValueError(f"write_kv: k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)} do not fit "
-                         f"pool_l {tuple(pool_l.shape)} {pool_l.dtype} (H a multiple of kv_dim)")
-
-
-def _write_slots(pool_l, k, v, k_pages, v_pages, slots):
-    """K [N, kv_dim] into slot slots[t] of page k_pages[t], V likewise."""
-    kv_dim = k.shape[1]
-    slot_view = pool_l.view(pool_l.shape[0], pool_l.shape[1] // kv_dim, kv_dim)   # [P, g, kv_dim]
-    slot_view.index_put_((k_pages, slots), k)
-    slot_view.index_put_((v_pages, slots), v)
-
-
 # ---------------------------------------------------------------- argument checks
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _F32 = (torch.float32,)
-_INTS = (torch.int32, torch.int64)
+INTS = (torch.int32, torch.int64)
 
 
-def _check_tensor(name, t, ndim, dtypes, device, length=None):
+def check_tensor(name, t, ndim, dtypes, device, length=None):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim or (length is not None and t.shape[0] != length):
@@ -711,7 +417,7 @@ def _check_tensor(name, t, ndim, dtypes, device, length=None):
         raise ValueError(f"{name} must be contiguous in its last dimension")
 
 
-def _check_ranges(checks):
+def check_ranges(checks):
     """checks: (name, tensor, lo, hi). Raise ValueError naming the first value outside
     [lo, hi); a single host sync when all pass."""
     outside = [(t < lo) | (t >= hi) for _, t, lo, hi in checks]
@@ -724,7 +430,7 @@ def _check_ranges(checks):
 
 
 def _check_pool(pool_l, plan, out_dim=None):
-    _check_tensor("pool_l", pool_l, 2, _FLOATS, plan.page_ids.device)
+    check_tensor("pool_l", pool_l, 2, FLOATS, plan.page_ids.device)
     if pool_l.shape[0] != plan.n_pages:
         raise ValueError(f"pool_l has {pool_l.shape[0]} pages, the plan {plan.n_pages}")
     width = plan.b_chunks * pool_l.shape[1]       # C_B pages of H numbers per row of B^T
@@ -734,7 +440,7 @@ def _check_pool(pool_l, plan, out_dim=None):
 
 def _check_x(x, pool_l, plan, out_dim=None):
     _check_pool(pool_l, plan, out_dim)
-    _check_tensor("x", x, 2, _FLOATS, pool_l.device)
+    check_tensor("x", x, 2, FLOATS, pool_l.device)
     width = plan.a_chunks * pool_l.shape[1]       # C_A pages of H numbers per row of A
     if x.shape[0] != plan.n_tokens or not 1 <= x.shape[1] <= width or x.dtype != pool_l.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a plan of {plan.n_tokens} "
@@ -742,21 +448,7 @@ def _check_x(x, pool_l, plan, out_dim=None):
                          f"{tuple(pool_l.shape)} {pool_l.dtype}")
 
 
-def _check_attention(q, pool_l, block_table, n_kv_heads):
-    """Returns g, the tokens per KV page."""
-    _check_tensor("q", q, 3, _FLOATS, q.device)
-    _check_tensor("pool_l", pool_l, 2, (q.dtype,), q.device)
-    _check_tensor("block_table", block_table, 3, _INTS, q.device)
-    nh, D = q.shape[1], q.shape[2]
-    if not isinstance(n_kv_heads, int) or n_kv_heads < 1 or nh % n_kv_heads:
-        raise ValueError(f"n_kv_heads = {n_kv_heads!r} must be a positive divisor of {nh} heads")
-    if pool_l.shape[1] % (n_kv_heads * D) or block_table.shape[2] != 2:
-        raise ValueError(f"pool_l width {pool_l.shape[1]} must be a multiple of kv_dim = "
-                         f"{n_kv_heads * D}; block_table [R, MB, 2]: {tuple(block_table.shape)}")
-    return pool_l.shape[1] // (n_kv_heads * D)
-
-
-def _output(out, shape, dtype, device):
+def output_buffer(out, shape, dtype, device):
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device \
@@ -766,7 +458,7 @@ def _output(out, shape, dtype, device):
     return out
 
 
-def _want_triton(use_triton, x):
+def want_triton(use_triton, x):
     """None: Triton on a GPU, the reference elsewhere. True on a CPU needs the interpreter."""
     if use_triton and not x.is_cuda and not _INTERPRETED:
         raise RuntimeError("use_triton=True on a CPU needs TRITON_INTERPRET=1 set before "
@@ -878,20 +570,18 @@ def benchmark(cfg: BenchConfig):
 
 
 # ---------------------------------------------------------------- compiled for a GPU, no GPU needed
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def kernel_variants():
     """Every launch the engine can make: (label, pool dtype, kernel, constexprs)."""
-    for dtype in _TRITON_TYPES:
+    for dtype in TRITON_TYPES:
         for shape, t in (("decode", DECODE_TILES), ("prefill", PREFILL_TILES)):
             for one_page, rows in ((True, ""), (False, ", rows over pages")):   # C = 1, C > 1
                 yield f"shrink {shape}{rows}", dtype, _shrink_kernel, dict(
                     BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_H=t.hidden, ONE_PAGE=one_page)
                 yield f"expand {shape}{rows}", dtype, _expand_kernel, dict(
                     BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_O=t.out, ONE_PAGE=one_page)
-        for D in HEAD_TILES:
-            yield f"attention D<={D}", dtype, _paged_attention_kernel, _attention_tiles(1, D)
 
 
 def compile_for(kernel, dtype, constexprs, arch):
@@ -900,7 +590,7 @@ def compile_for(kernel, dtype, constexprs, arch):
     if _INTERPRETED:   # the interpreter replaces the kernels and changes how triton.language acts
         raise RuntimeError("compiling for a GPU needs TRITON_INTERPRET unset")
     types = {"z_ptr": "*fp32", "scales_ptr": "*fp32", "sm_scale": "fp32",
-             **{a: "*" + _TRITON_TYPES[dtype] for a in ("x_ptr", "pool_ptr", "out_ptr", "q_ptr")}}
+             **{a: "*" + TRITON_TYPES[dtype] for a in ("x_ptr", "pool_ptr", "out_ptr", "q_ptr")}}
     signature = {a: types.get(a, "*i32" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
     signature.update((a, "constexpr") for a in constexprs)
     compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))
@@ -914,6 +604,15 @@ def compile_for(kernel, dtype, constexprs, arch):
     return int(found["REG"]), int(found["LOCAL"]), compiled.metadata.shared
 
 
+def print_compiled(variants):
+    """One line per variant: registers, spilled bytes and shared memory for sm_80 and sm_90."""
+    for label, dtype, kernel, constexprs in variants:
+        cells = [compile_for(kernel, dtype, constexprs, arch) for arch in (80, 90)]
+        print(f"{label:<32} {TRITON_TYPES[dtype]:<5}"
+              + "".join(f" | sm_{a}: regs {r:>3d} spill {s:>3d} smem {m:>6d}"
+                        for a, (r, s, m) in zip((80, 90), cells)))
+
+
 if __name__ == "__main__":
     cfg, = cli.parse([BenchConfig], "Time S-LoRA's gathered LoRA against the padded-bmm baseline.")
     if cfg.shape not in ("decode", "prefill"):
@@ -923,10 +622,7 @@ if __name__ == "__main__":
     cfg.in_dim, cfg.out_dim = cfg.in_dim or cfg.hidden, cfg.out_dim or cfg.hidden
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if not cfg.compile:
+    if cfg.compile:
+        print_compiled(kernel_variants())
+    else:
         benchmark(cfg)
-    for label, dtype, kernel, constexprs in kernel_variants() if cfg.compile else ():
-        cells = [compile_for(kernel, dtype, constexprs, arch) for arch in (80, 90)]
-        print(f"{label:<32} {_TRITON_TYPES[dtype]:<5}"
-              + "".join(f" | sm_{a}: regs {r:>3d} spill {s:>3d} smem {m:>6d}"
-                        for a, (r, s, m) in zip((80, 90), cells)))

@@ -7,7 +7,7 @@ RMSNorm, rotary position embedding (RoPE), grouped-query attention (GQA), SwiGLU
 Two forward passes share the same modules:
 - `forward(tokens [B, T])`: dense and causal, for training and for `generate` (contiguous KV cache);
 - `forward_paged(batch, pool)`: S-LoRA's ragged batch (section 5): the tokens of many requests,
-  prefill and decode mixed, with K/V in pages of the unified pool (kernels.py) and a per-token
+  prefill and decode mixed, with K/V in pages of the unified pool (attention.py) and a per-token
   LoRA delta supplied by the serving engine (engine.py).
 
 Checkpoints and the tokenizer are read and written by checkpoints.py.
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import attention
 
 # ------------------------------------------------------------------------------------ config
 
@@ -165,7 +165,7 @@ class Attention(nn.Module):
         H numbers, or this device's heads under tensor parallelism)."""
         return pool_l[:, :self.cfg.n_heads // self.cfg.n_kv_heads * self.cfg.kv_dim]
 
-    def forward_paged(self, x, cos, sin, pool_l, layer, lora, plan: kernels.AttentionPlan):
+    def forward_paged(self, x, cos, sin, pool_l, layer, lora, plan: attention.AttentionPlan):
         """x [N, H]: write this step's K/V into the pool pages, attend over each request's pages
         (the step's plan: paged_attention_plan, made once for every layer)."""
         c, N = self.cfg, x.shape[0]
@@ -174,8 +174,8 @@ class Attention(nn.Module):
         v = project(self.v_proj, x, lora, layer, "v_proj")                          # [N, kv_dim]
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         kv_pool = self.kv_pool(pool_l)
-        kernels.paged_attention_write(kv_pool, k.reshape(N, c.kv_dim), v, plan)
-        o = kernels.paged_attention(q, kv_pool, plan)                               # [N, nh, hd]
+        attention.paged_attention_write(kv_pool, k.reshape(N, c.kv_dim), v, plan)
+        o = attention.paged_attention(q, kv_pool, plan)                               # [N, nh, hd]
         return project(self.o_proj, o.reshape(N, -1), lora, layer, "o_proj", self.all_reduce)  # [N, H]
 
 
@@ -275,7 +275,7 @@ class Llama(nn.Module):
         """S-LoRA's ragged step: a batch of N tokens, pool [L, P, H] -> logits [R, V] of the
         requests' last tokens."""
         c, attn = self.config, self.model.layers[0].self_attn   # every layer's attention alike
-        plan = kernels.paged_attention_plan(attn.kv_pool(pool[0]), batch.block_table, batch.seq_ids,
+        plan = attention.paged_attention_plan(attn.kv_pool(pool[0]), batch.block_table, batch.seq_ids,
                                             batch.positions, attn.cfg.n_kv_heads, c.head_dim)
         cos, sin = rope_cos_sin(batch.positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [N, hd]
         x = self.model.embed_tokens(batch.tokens)                                         # [N, H]

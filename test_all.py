@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+import attention  # noqa: E402
 import kernels  # noqa: E402
 import lora  # noqa: E402
 import checkpoints as C  # noqa: E402
@@ -1239,9 +1240,9 @@ def test_every_output_element_is_written():
         assert torch.isfinite(out).all()
     assert (z[ids == 0] == 0).all() and (z[ids == 1, 3:] == 0).all() and (d[ids == 0] == 0).all()
     kv = make_kv([4, 1], n_heads=4, n_kv_heads=2, head_dim=6, dtype=torch.float32)
-    a = kernels.paged_attention_decode(kv.q[[3, 4]], kv.pool, kv.block_table, kv.lens,
+    a = attention.paged_attention_decode(kv.q[[3, 4]], kv.pool, kv.block_table, kv.lens,
                                        2, out=nan(2, 4, 6), use_triton=True)
-    p = kernels.paged_attention_prefill(kv.q, kv.pool, kv.block_table, kv.seq_ids, kv.positions,
+    p = attention.paged_attention_prefill(kv.q, kv.pool, kv.block_table, kv.seq_ids, kv.positions,
                                         2, out=nan(5, 4, 6), use_triton=True)
     assert torch.isfinite(a).all() and torch.isfinite(p).all()
 
@@ -1376,13 +1377,13 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match=r"block_table\[0, 1, 0\] = 50"):
         bad = kv.block_table.clone()
         bad[0, 1, 0] = 50
-        kernels.paged_attention_decode(q2, kv.pool, bad, kv.lens, 2)
+        attention.paged_attention_decode(q2, kv.pool, bad, kv.lens, 2)
     with pytest.raises(ValueError, match=r"positions\[1\] = 8 is outside \[0, 4\)"):   # seq_lens 9
-        kernels.paged_attention_decode(q2, kv.pool, kv.block_table, kv.lens.new_tensor([4, 9]), 2)
+        attention.paged_attention_decode(q2, kv.pool, kv.block_table, kv.lens.new_tensor([4, 9]), 2)
     with pytest.raises(ValueError, match="n_kv_heads"):
-        kernels.paged_attention_decode(q2, kv.pool, kv.block_table, kv.lens, 3)
+        attention.paged_attention_decode(q2, kv.pool, kv.block_table, kv.lens, 3)
     with pytest.raises(ValueError, match=r"seq_ids\[0\] = 2"):
-        kernels.paged_attention_prefill(kv.q, kv.pool, kv.block_table, kv.seq_ids + 2,
+        attention.paged_attention_prefill(kv.q, kv.pool, kv.block_table, kv.seq_ids + 2,
                                         kv.positions, 2)
 
 
@@ -1402,7 +1403,7 @@ def make_kv(lens, n_heads, n_kv_heads, head_dim, dtype, seed=6, free_pages=11):
     N = positions.shape[0]
     k = torch.randn(N, kv_dim, generator=g).to(dtype).to(DEV)
     v = torch.randn(N, kv_dim, generator=g).to(dtype).to(DEV)
-    kernels.write_kv(pool, k, v, block_table, seq_ids, positions)
+    attention.write_kv(pool, k, v, block_table, seq_ids, positions)
     q = torch.randn(N, n_heads, head_dim, generator=g).to(dtype).to(DEV)
     return SimpleNamespace(pool=pool, block_table=block_table, seq_ids=seq_ids,
                            positions=positions, k=k, v=v, q=q, per_page=per_page,
@@ -1443,16 +1444,16 @@ def test_paged_attention_equals_dense_causal_gqa(dtype):
     rows = torch.tensor([0, 5] + list(range(8 + 31, 8 + 40)))                 # token rows
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(7))].to(DEV)
     pargs = (kv.pool, kv.block_table, kv.seq_ids[rows], kv.positions[rows], 2)
-    pre = kernels.paged_attention_prefill(kv.q[rows], *pargs, use_triton=True)
+    pre = attention.paged_attention_prefill(kv.q[rows], *pargs, use_triton=True)
     torch.testing.assert_close(pre.double().cpu(), dense_attention(kv, rows).cpu(), **tol)
-    torch.testing.assert_close(pre, kernels.paged_attention_prefill_ref(kv.q[rows], *pargs), **tol)
+    torch.testing.assert_close(pre, attention.paged_attention_prefill_ref(kv.q[rows], *pargs), **tol)
     # decode: one query per request at a chosen position, attending to positions 0..pos
     last = torch.tensor([0, 5, 47], device=DEV)                  # positions 0, 4, 39
     seq_lens = kv.positions[last] + 1
     dargs = (kv.pool, kv.block_table, seq_lens, 2)
-    dec = kernels.paged_attention_decode(kv.q[last], *dargs, use_triton=True)
+    dec = attention.paged_attention_decode(kv.q[last], *dargs, use_triton=True)
     torch.testing.assert_close(dec.double().cpu(), dense_attention(kv, last).cpu(), **tol)
-    torch.testing.assert_close(dec, kernels.paged_attention_decode_ref(kv.q[last], *dargs), **tol)
+    torch.testing.assert_close(dec, attention.paged_attention_decode_ref(kv.q[last], *dargs), **tol)
     same = (rows == 47).nonzero()[0, 0]                           # token 47 in both batches
     torch.testing.assert_close(dec[2], pre[same], atol=1e-6, rtol=1e-6)
 
@@ -1460,11 +1461,11 @@ def test_paged_attention_equals_dense_causal_gqa(dtype):
 def test_full_prefill_then_decode_agree_without_gqa():
     kv = make_kv([3, 4], n_heads=2, n_kv_heads=2, head_dim=16, dtype=torch.float32)  # g = 1
     rows = torch.arange(7, device=DEV)
-    pre = kernels.paged_attention_prefill(kv.q, kv.pool, kv.block_table, kv.seq_ids,
+    pre = attention.paged_attention_prefill(kv.q, kv.pool, kv.block_table, kv.seq_ids,
                                           kv.positions, 2, use_triton=True)
     torch.testing.assert_close(pre.double().cpu(), dense_attention(kv, rows).cpu(),
                                atol=1e-5, rtol=1e-5)
-    dec = kernels.paged_attention_decode(kv.q[[2, 6]], kv.pool, kv.block_table, kv.lens, 2,
+    dec = attention.paged_attention_decode(kv.q[[2, 6]], kv.pool, kv.block_table, kv.lens, 2,
                                          use_triton=True)
     torch.testing.assert_close(dec, pre[[2, 6]], atol=1e-6, rtol=1e-6)
 
@@ -1487,9 +1488,9 @@ def test_nan_in_free_pages_page_0_and_unused_slots_reaches_no_request(use_triton
             pool[table[r, p // g], (p % g) * kv_dim:(p % g + 1) * kv_dim] = float("nan")
     pool[[p for p in range(pool.shape[0]) if p not in owned]] = float("nan")
     last = torch.tensor([sum(lens[:r + 1]) - 1 for r in range(len(lens))], device=DEV)
-    dec = kernels.paged_attention_decode(kv.q[last], pool, table, kv.lens, 2, use_triton=use_triton)
+    dec = attention.paged_attention_decode(kv.q[last], pool, table, kv.lens, 2, use_triton=use_triton)
     rows = torch.cat([last, torch.arange(8, 48, device=DEV)])  # a token of each + a long chunk
-    pre = kernels.paged_attention_prefill(kv.q[rows], pool, table, kv.seq_ids[rows],
+    pre = attention.paged_attention_prefill(kv.q[rows], pool, table, kv.seq_ids[rows],
                                           kv.positions[rows], 2, use_triton=use_triton)
     assert torch.isfinite(dec).all() and torch.isfinite(pre).all()
     torch.testing.assert_close(dec.double().cpu(), dense_attention(kv, last).cpu(),
@@ -1505,20 +1506,20 @@ def test_one_attention_plan_serves_every_layer_and_chunks_long_prompts(monkeypat
     layers = [make_kv([1, 7, 40, 5], n_heads=6, n_kv_heads=2, head_dim=12, dtype=torch.float32,
                       seed=s) for s in (6, 6)]
     layers[1].k, layers[1].v = layers[1].k.flip(0), layers[1].v.flip(0)   # other K/V, same pages
-    kernels.write_kv(layers[1].pool, layers[1].k, layers[1].v, layers[1].block_table,
+    attention.write_kv(layers[1].pool, layers[1].k, layers[1].v, layers[1].block_table,
                      layers[1].seq_ids, layers[1].positions)
     kv, rows = layers[0], torch.arange(53, device=DEV)
     args = (kv.block_table, kv.seq_ids, kv.positions, 2, 12)
-    plans = [kernels.paged_attention_plan(kv.pool, *args)]
-    monkeypatch.setattr(kernels, "ATTEND_NUMBERS", 6 * 8 * 8)   # one prefill request per group
-    plans.append(kernels.paged_attention_plan(kv.pool, *args))
+    plans = [attention.paged_attention_plan(kv.pool, *args)]
+    monkeypatch.setattr(attention, "ATTEND_NUMBERS", 6 * 8 * 8)   # one prefill request per group
+    plans.append(attention.paged_attention_plan(kv.pool, *args))
     assert [len(p.groups) for p in plans] == [2, 4]              # decodes, then 1 or 3 chunks
     for plan in plans:
         for layer in layers:
-            out = kernels.paged_attention(layer.q, layer.pool, plan)
+            out = attention.paged_attention(layer.q, layer.pool, plan)
             torch.testing.assert_close(out.double(), dense_attention(layer, rows), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="do not fit a plan of 53 tokens"):
-        kernels.paged_attention(kv.q, kv.pool[:-1], plans[0])
+        attention.paged_attention(kv.q, kv.pool[:-1], plans[0])
 
 
 def test_attention_reads_a_page_slice_whose_width_head_dim_does_not_divide():
@@ -1529,9 +1530,9 @@ def test_attention_reads_a_page_slice_whose_width_head_dim_does_not_divide():
     wide = torch.full((kv.pool.shape[0], 44), float("nan"), device=DEV)
     pool = wide[:, :24]                                                  # [P, 24], row stride 44
     rows = torch.arange(13, device=DEV)
-    plan = kernels.paged_attention_plan(pool, kv.block_table, kv.seq_ids, kv.positions, 3, 8)
-    kernels.paged_attention_write(pool, kv.k, kv.v, plan)
-    torch.testing.assert_close(kernels.paged_attention(kv.q, pool, plan).double(),
+    plan = attention.paged_attention_plan(pool, kv.block_table, kv.seq_ids, kv.positions, 3, 8)
+    attention.paged_attention_write(pool, kv.k, kv.v, plan)
+    torch.testing.assert_close(attention.paged_attention(kv.q, pool, plan).double(),
                                dense_attention(kv, rows), atol=1e-5, rtol=1e-5)
     assert torch.isnan(wide[:, 24:]).all()                               # nothing written beyond
 
@@ -1540,14 +1541,15 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
     """What the engine can launch (each dtype, decode and prefill tiles, shrink and expand of rows
     on one page (q, k, v, o) or over several (down's A, gate's and up's B^T), attention for head
     dims up to 128), compiled by Triton's own ptxas without a GPU: every variant for sm_90 and the bfloat16
-    ones for sm_80 (all of sm_80: `python kernels.py --compile`, kept out of the suite for
+    ones for sm_80 (all of sm_80: `python kernels.py --compile`, `python attention.py`; kept out of the suite for
     time). No register spills, shared memory that fits.
     In a child process: this one runs Triton's interpreter, which cannot compile."""
     import subprocess
     import sys
-    code = ("import json, torch, kernels\n"
+    code = ("import itertools, json, torch, attention, kernels\n"
             "print(json.dumps([(label, str(dtype), arch, kernels.compile_for(k, dtype, c, arch))\n"
-            "    for label, dtype, k, c in kernels.kernel_variants()\n"
+            "    for label, dtype, k, c in itertools.chain(kernels.kernel_variants(),\n"
+            "                                              attention.kernel_variants())\n"
             "    for arch in ((90, 80) if dtype == torch.bfloat16 else (90,))]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
