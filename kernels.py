@@ -37,8 +37,9 @@ read it):
 The page lookup (KV pages: attention.py). With GQA a KV page holds the K (or V) of g = nh / nkv
 tokens and wastes nothing; the price is on the adapter side, where the B^T pages of k_proj/v_proj
 use kv_dim of their H numbers. Adapters: a row of width W spans C = ceil(W / H) pages, numbers
-c H .. c H + H - 1 on its c-th; numbers c H + h of A row j of slot s are at column h of page page_ids[a_start[s] + j C_A + c],
-those of B^T row j on page page_ids[b_start[s] + j C_B + c], j < ranks[s]; scales[s] = alpha / r.
+c H .. c H + H - 1 on its c-th; numbers c H + h of A row j of slot s are at column h of page
+page_ids[a_start[s] + j C_A + c], those of B^T row j on page page_ids[b_start[s] + j C_B + c],
+j < ranks[s]; scales[s] = alpha / r.
 q, k, v, o rows fit one page (C_A = C_B = 1). The kernels walk a row chunk by chunk (a page each),
 so the same two kernels serve every target; each keeps, as a compile-time variant (ONE_PAGE), its
 loop over one page per row for C = 1, so that q, k, v, o compile as they did (shrink: every
