@@ -35,9 +35,9 @@ import torch
 
 import cli
 import kernels
+from adapters import HostAdapter, HostStore, OnDisk, target_shapes
 from lora import AdapterError
 from model import Batch, Llama, SamplingParams, sample_one
-from adapters import HostAdapter, HostStore, OnDisk, target_shapes
 from paging import PoolConfig, UnifiedPool, kv_pages
 from scheduler import Request, RequestRejected, ScheduledBatch, Scheduler, SchedulerConfig, State
 
@@ -145,8 +145,9 @@ class Engine:
         pages_for = partial(kv_pages, tokens_per_page=self.pool.g)   # n tokens -> KV pages
         self.scheduler = Scheduler(sched_cfg, kv_budget, pages_for, self.adapter_pages,
                                    adapter_budget)
-        self.in_dim = {t: i for t, (i, _) in target_shapes(model.config).items()}    # I per target
-        self.out_dim = {t: o for t, (_, o) in target_shapes(model.config).items()}   # O per target
+        shapes = target_shapes(model.config)                                    # target -> (I, O)
+        self.in_dim = {t: i for t, (i, _) in shapes.items()}
+        self.out_dim = {t: o for t, (_, o) in shapes.items()}
         self.requests: Dict[int, Request] = {}
         self.tokens: Dict[int, List[int]] = {}      # request id -> prompt + generated tokens
         self.sampling: Dict[int, SamplingParams] = {}
