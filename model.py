@@ -154,9 +154,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)                                       # [B, nkv, n, hd]
-        g = c.n_heads // c.n_kv_heads                                  # K/V head j serves
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)   # q heads j*g..j*g+g-1
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                # [B, nh, T, hd]
+        # grouped-query attention: K/V head j serves query heads j g .. j g + g - 1 (g = nh / nkv),
+        # read in place (enable_gqa) rather than copied g times
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           enable_gqa=c.n_heads != c.n_kv_heads)   # [B, nh, T, hd]
         o = o.transpose(1, 2).reshape(B, T, -1)                                    # [B, T, nh hd]
         return project(self.o_proj, o, None, layer, "o_proj", self.all_reduce)
 

@@ -810,6 +810,20 @@ def test_beam_of_one_is_greedy_and_ngram_ban():
     assert len(bigrams) == len(set(bigrams))
 
 
+def test_beam_search_keeps_a_live_hypothesis_that_can_still_win():
+    """K = 2, end token 0, length penalty 1: hand-made log-probs where two hypotheses have ended
+    after step 2 but the live [1, 2] scores better per token; it ends at step 3 and wins."""
+    beams = decode.Beams(1, 2, 1.0, "cpu")
+    lg = lambda *rows: torch.tensor(rows).log() + beams.scores[:, None]   # noqa: E731
+    assert beams.step(lg([0.5, 0.3, 0.2], [1 / 3] * 3), eos_id=0) == [0, 0]       # ends [] at -0.69
+    assert beams.seqs == [[1], [2]]
+    # [1, 2]: log .3 + log .9 = -1.309, -0.655 per token; [2] ends at (log .2 + log .9) / 2 = -0.857
+    assert beams.step(lg([0.05, 0.05, 0.9], [0.9, 0.05, 0.05]), eos_id=0) == [0, 0]
+    assert len(beams.finished[0]) == 3 and beams.seqs == [[1, 2], [1, 1]]        # 3 ended, still live
+    beams.step(lg([0.99, 0.005, 0.005], [1 / 3] * 3), eos_id=0)   # [1, 2] ends: -1.319 / 3 = -0.44
+    assert beams.live == [] and beams.best() == [[1, 2]]
+
+
 def test_cli_flags_come_from_the_config():
     assert train.parse_args([]) == train.TrainConfig()
     cfg = train.parse_args(["--targets", "q,k,v,o", "--eval-limit", "5", "--no-baseline", "--method", "full"])
@@ -1081,9 +1095,20 @@ def test_main_sweep_writes_results_for_every_cell(tmp_path, monkeypatch):
     grid = [(r["rank"], r["targets"]) for r in results["runs"]]
     assert grid == [(r, t) for t in ("q", "q,v", "q,k,v,o") for r in (1, 2, 4, 8, 64)]
     assert results["train_split"] == "dev" and results["test_mrs"] == 2 and "dev" in lines[0]
-    assert results["baseline"]["method"] == "base, 1 MRs"
+    assert results["baseline"]["method"] == "base, 1 MRs, greedy"
     assert os.path.isfile(tmp_path / "out" / "r64_qkvo" / "adapter" / "adapter_config.json")
     assert not lora_layers(base)                                      # the base model is never modified
+
+
+def test_the_base_model_is_scored_greedily_whatever_beam_says(tmp_path, monkeypatch):
+    base, tok, _ = tiny_setup()
+    monkeypatch.setattr(decode, "beam_search", lambda *a: pytest.fail("the base model ran beam search"))
+    cfg = train.TrainConfig(out=str(tmp_path), beam=4, max_new_tokens=5, baseline_limit=2)
+    row = train.score_baseline(base, tok, [(mr, [ref]) for mr, ref in PAIRS], cfg, log=lambda s: None)
+    greedy = [tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids).strip().split("\n")[0].strip()
+              for ids in base.generate([tok.encode(f"{mr}\n") for mr, _ in PAIRS[:2]], 5, eos_id=tok.eos_id)]
+    assert (tmp_path / "predictions_base.txt").read_text() == "\n".join(greedy) + "\n"
+    assert row["method"] == "base, 2 MRs, greedy"
 
 
 def test_main_scores_a_saved_adapter_like_the_run_that_made_it(tmp_path, monkeypatch):
