@@ -1105,7 +1105,7 @@ def test_the_base_model_is_scored_greedily_whatever_beam_says(tmp_path, monkeypa
     monkeypatch.setattr(decode, "beam_search", lambda *a: pytest.fail("the base model ran beam search"))
     cfg = train.TrainConfig(out=str(tmp_path), beam=4, max_new_tokens=5, baseline_limit=2)
     row = train.score_baseline(base, tok, [(mr, [ref]) for mr, ref in PAIRS], cfg, log=lambda s: None)
-    greedy = [tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids).strip().split("\n")[0].strip()
+    greedy = [decode.clean_output(tok, ids)
               for ids in base.generate([tok.encode(f"{mr}\n") for mr, _ in PAIRS[:2]], 5, eos_id=tok.eos_id)]
     assert (tmp_path / "predictions_base.txt").read_text() == "\n".join(greedy) + "\n"
     assert row["method"] == "base, 2 MRs, greedy"
