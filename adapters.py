@@ -19,10 +19,10 @@ Demo: `python paging.py` registers random adapters, all-linear among them, and s
 """
 import itertools
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -255,6 +255,83 @@ class HostStore:
         self.reads += 1
         self.copies[serial] = copy
         return copy
+
+
+class AdapterRegistry:
+    """The adapter names an engine serves, and when each version may leave the pool.
+
+    A name points at the pool key of its newest version. Registering a name again serves the
+    new version to requests submitted from then on, under the key name#k, while the requests
+    submitted before finish on the old one: each key counts its requests (`users`), and a retired
+    key (replaced or removed) is unregistered from the pool when its last request ends.
+    pages_of(adapter) is what the adapter takes in the pool (0 for a baseline that merges it)
+    and store(adapter) puts its host copy in the pool (checked against the model's shapes)."""
+
+    def __init__(self, pool, pages_of: Callable, store: Callable, host_limit: Optional[int]):
+        self.pool, self.pages_of, self.store = pool, pages_of, store
+        self.pages: Dict[str, int] = {}      # pool key -> its pages (what the scheduler reads)
+        self.current: Dict[str, str] = {}    # public name -> pool key of its newest version
+        self.users: Counter = Counter()      # pool key -> requests submitted and not ended
+        self.retired: Set[str] = set()       # replaced or removed, unregistered when unused
+        self.dropped = 0                     # versions unregistered while resident in the pool
+        self.host_store = None if host_limit is None else HostStore(host_limit)   # None: all
+
+    def add(self, name: str, path: str, n_layers: int, dim: int):
+        """Register a PEFT directory, read and checked now (under a host limit then kept as its
+        files, HostStore); a bad one raises AdapterError naming it and changes nothing."""
+        try:
+            if self.host_store is None:
+                self.register(HostAdapter.from_dir(name, path, n_layers, dim))
+            else:
+                self.register(self.host_store.open(name, path, n_layers, dim))
+        except (ValueError, KeyError) as e:
+            raise AdapterError(f"adapter {name!r} at {path}: {e}") from None
+
+    def register(self, adapter: HostAdapter):
+        """Serve `adapter` under adapter.name from now on; a bad one raises, changing nothing."""
+        key, k = adapter.name, 1
+        while key in self.pool.host:
+            key, k = f"{adapter.name}#{k + 1}", k + 1
+        self.store(replace(adapter, name=key))
+        self.pages[key] = self.pages_of(adapter)
+        if adapter.name in self.current:
+            self._retire(self.current[adapter.name])
+        self.current[adapter.name] = key
+
+    def remove(self, name: str) -> int:
+        """Forget a name; its requests finish first. Returns how many still use it (0: gone)."""
+        if name not in self.current:
+            raise KeyError(f"adapter {name!r} is not registered")
+        key = self.current.pop(name)
+        self._retire(key)
+        return self.users[key]
+
+    def hold(self, name: str) -> str:
+        """A request submitted for `name` holds its newest version: returns that pool key."""
+        key = self.current[name]
+        self.users[key] += 1
+        return key
+
+    def release(self, key: str):
+        """A request of `key` ended; a retired version goes with its last request."""
+        self.users[key] -= 1
+        self._unregister_if_unused(key)
+
+    def _retire(self, key: str):
+        self.retired.add(key)
+        self._unregister_if_unused(key)
+
+    def _unregister_if_unused(self, key: str):
+        if key in self.retired and self.users[key] == 0:
+            self.retired.discard(key)
+            del self.pages[key], self.users[key]
+            self.dropped += key in self.pool.resident   # left the pool without an eviction
+            self.pool.unregister(key)
+
+    def in_host_memory(self) -> int:
+        """Adapters held whole in host memory, and the host copies of those kept as files."""
+        held = sum(not isinstance(a.weights, OnDisk) for a in self.pool.host.values())
+        return held + (0 if self.host_store is None else len(self.host_store.copies))
 
 
 def _stamp(name: str, path: str) -> tuple:

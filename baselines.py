@@ -22,9 +22,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 
 import kernels
-from engine import AdapterSlots, Engine
-from model import Llama
 from adapters import ATTENTION, HostAdapter
+from engine import Engine, PoolMemory
+from model import Llama
+from runner import AdapterSlots, ModelRunner
 from scheduler import Request, ScheduledBatch, State
 
 
@@ -35,40 +36,46 @@ class OwnCopy(NamedTuple):
     scale: float
 
 
-class NoUnifiedEngine(Engine):
-    """Baseline without unified paging: a KV pool of pool_pages - adapter_reserve pages beside
-    adapter_reserve pages of adapter memory, each adapter copied into freshly allocated tensors
-    when a batch needs it and freed when no running request uses it. Slower than slora because
-    the fixed split leaves either KV or adapter memory idle (smaller batches) and adapters are
-    copied again each time they return; on a CPU its LoRA arithmetic is slora's CPU path."""
+class OwnCopyMemory(PoolMemory):
+    """A KV pool of pool_pages - adapter_reserve pages beside adapter_reserve pages of adapter
+    memory; each adapter copied into freshly allocated tensors when a batch needs it and freed
+    when no running request uses it."""
 
-    def __init__(self, model: Llama, eos_id: Optional[int] = None, **options):
-        self.own_copies: Dict[str, OwnCopy] = {}
+    def __init__(self, model: Llama, cfg):
+        self.copies: Dict[str, OwnCopy] = {}
         self.users: Dict[str, int] = {}            # running requests per own copy
-        super().__init__(model, eos_id, **options)
+        super().__init__(model, cfg)
 
-    def _memory_split(self):
+    def split(self):
         reserve = self.cfg.adapter_reserve
         reserve = self.cfg.pool_pages // 2 if reserve is None else reserve
         return self.cfg.pool_pages - reserve, reserve
 
-    def _acquire(self, name: str):
-        if name not in self.own_copies:   # a fresh allocation and copy, as without a shared pool
+    def acquire(self, name: str):
+        if name not in self.copies:   # a fresh allocation and copy, as without a shared pool
             ad = self.pool.host[name]
-            self.own_copies[name] = OwnCopy({t: ad.a(t).clone() for t in ad.targets},
-                                            {t: ad.bt(t).clone() for t in ad.targets}, ad.scale)
+            self.copies[name] = OwnCopy({t: ad.a(t).clone() for t in ad.targets},
+                                        {t: ad.bt(t).clone() for t in ad.targets}, ad.scale)
         self.users[name] = self.users.get(name, 0) + 1
 
-    def _release(self, name: str):
+    def release(self, name: str):
         self.users[name] -= 1
         if self.users[name] == 0:
-            del self.own_copies[name], self.users[name]
+            del self.copies[name], self.users[name]
 
-    def _prefetch(self):
+    def prefetch(self, names: List[str]):
         """Nothing to prefetch into: adapters are copied when a batch needs them."""
 
-    def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
-        """A pair of matrix products per run of tokens of one adapter (kernels.lora_runs)."""
+
+class OwnCopyRunner(ModelRunner):
+    """A pair of matrix products per run of tokens of one adapter (kernels.lora_runs), reading
+    the adapters' own copies."""
+
+    def __init__(self, model: Llama, pool, copies: Dict[str, OwnCopy]):
+        super().__init__(model, pool)
+        self.copies = copies
+
+    def lora(self, slots: AdapterSlots) -> Optional[Callable]:
         bounds = kernels.segment_starts(slots.lengths).tolist()
         spans: Dict[str, List[int]] = {}        # adapter -> [t0, t1]: its requests are neighbours
         for row, slot in enumerate(slots.row_slots.tolist()):
@@ -76,19 +83,31 @@ class NoUnifiedEngine(Engine):
                 spans.setdefault(slots.names[slot - 1], [bounds[row], 0])[1] = bounds[row + 1]
 
         def lora(x, layer, target):
-            copies = [(t0, t1, self.own_copies[n]) for n, (t0, t1) in spans.items()]
+            copies = [(t0, t1, self.copies[n]) for n, (t0, t1) in spans.items()]
             runs = [(t0, t1, c.A[target][layer], c.Bt[target][layer], c.scale)
                     for t0, t1, c in copies if target in c.A]
             return kernels.lora_runs(x, runs, self.out_dim[target]) if runs else None
         return lora if spans else None
 
 
-class BmmEngine(Engine):
-    """Baseline with the unified pool but without the gathered kernels: every step copies the
-    step's adapters into zero-padded tensors [S, Rm, I] and runs torch.bmm per token. Slower than
-    slora because of that copy each step and the padding of every adapter to the largest rank."""
+class NoUnifiedEngine(Engine):
+    """Baseline without unified paging: memory split statically (OwnCopyMemory), adapters in
+    tensors of their own (OwnCopyRunner). Slower than slora because the fixed split leaves either
+    KV or adapter memory idle (smaller batches) and adapters are copied again each time they
+    return; on a CPU its LoRA arithmetic is slora's CPU path."""
 
-    def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
+    def _make_memory(self) -> PoolMemory:
+        return OwnCopyMemory(self.model, self.cfg)
+
+    def _make_runner(self) -> ModelRunner:
+        return OwnCopyRunner(self.model, self.pool, self.memory.copies)
+
+
+class BmmRunner(ModelRunner):
+    """Every step copies the step's adapters into zero-padded tensors [S, Rm, I] and runs
+    torch.bmm per token."""
+
+    def lora(self, slots: AdapterSlots) -> Optional[Callable]:
         tables = self.pool.kernel_tables(slots.names)
         padded = {target: kernels.pad_adapters(self.pool.tensor, t, self.in_dim[target],
                                                self.out_dim[target])
@@ -103,6 +122,37 @@ class BmmEngine(Engine):
         return lora if padded else None
 
 
+class BmmEngine(Engine):
+    """Baseline with the unified pool but without the gathered kernels (BmmRunner). Slower than
+    slora because of the copy each step and the padding of every adapter to the largest rank."""
+
+    def _make_runner(self) -> ModelRunner:
+        return BmmRunner(self.model, self.pool)
+
+
+class MergedMemory(PoolMemory):
+    """Adapters merged into the weights: they take no pool pages and are never loaded."""
+
+    def pages_of(self, adapter: HostAdapter) -> int:
+        return 0
+
+    def acquire(self, name: str):
+        """Merged into the weights: nothing to load."""
+
+    def release(self, name: str):
+        """Nothing was loaded."""
+
+    def prefetch(self, names: List[str]):
+        """Adapters are merged, not loaded into the pool."""
+
+
+class MergedRunner(ModelRunner):
+    """The base model's forward: the adapter is in the weights."""
+
+    def lora(self, slots: AdapterSlots) -> Optional[Callable]:
+        return None
+
+
 class MergedEngine(Engine):
     """The PEFT-style baseline: merge one adapter into the weights (W0 + (alpha/r) B A), batch
     only its requests, restore the weights to switch. Slower than slora because requests of
@@ -115,8 +165,11 @@ class MergedEngine(Engine):
         self.base_weights: Dict[tuple, torch.Tensor] = {}   # (layer, target) -> W0, for the switch
         super().__init__(model, eos_id, **options)
 
-    def _pages_of(self, adapter: HostAdapter) -> int:
-        return 0                                  # merged into the weights: no pool pages
+    def _make_memory(self) -> PoolMemory:
+        return MergedMemory(self.model, self.cfg)
+
+    def _make_runner(self) -> ModelRunner:
+        return MergedRunner(self.model, self.pool)
 
     def _enqueue(self, req: Request):
         if self.merged != req.adapter or self.scheduler.idle():
@@ -124,9 +177,9 @@ class MergedEngine(Engine):
         else:
             self.scheduler.submit(req)
 
-    def _end(self, req: Request, state: State, reason: str):
-        self.waiting_turn = [r for r in self.waiting_turn if r is not req]
-        super()._end(req, state, reason)
+    def _end(self, rec, state: State, reason: str):
+        self.waiting_turn = [r for r in self.waiting_turn if r is not rec.request]
+        super()._end(rec, state, reason)
 
     def pending(self) -> bool:
         return bool(self.waiting_turn) or super().pending()
@@ -157,18 +210,6 @@ class MergedEngine(Engine):
         for req in [r for r in self.waiting_turn if r.adapter == name]:
             self.waiting_turn.remove(req)
             self.scheduler.submit(req)
-
-    def _acquire(self, name: str):
-        """Merged into the weights: nothing to load."""
-
-    def _release(self, name: str):
-        """Nothing was loaded."""
-
-    def _prefetch(self):
-        """Adapters are merged, not loaded into the pool."""
-
-    def _lora(self, slots: AdapterSlots) -> Optional[Callable]:
-        return None
 
 
 def _linear(layer, target: str):

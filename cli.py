@@ -1,6 +1,6 @@
 """Command lines from dataclass configs: one flag per field, spelled with dashes, with its help.
 
-Every script of the project (`python train.py`, `python serve.py`, `python kernels.py`, ...) keeps
+Every script of the project (`python train.py`, `python serve.py`, `python kernel_bench.py`, ...) keeps
 its settings in one `@dataclass` per concern; `flag` declares a field with its help text and
 `parse` turns the fields of one or more configs into an argparse command line:
     bool field         -> `--name` (store_true)

@@ -38,6 +38,7 @@ import triton.testing
 
 import cli
 import attention
+import kernel_bench
 import kernels
 import serve
 import trainer
@@ -64,10 +65,10 @@ class CheckConfig:
 @dataclass(frozen=True)
 class Sizes:
     """What each part runs: S-LoRA's decode shape and SmolLM2's shape, or tiny ones (--small)."""
-    lora: kernels.BenchConfig      # (a): a random step for shrink and expand
+    lora: kernel_bench.BenchConfig      # (a): a random step for shrink and expand
     heads: tuple                   # (a): attention shapes (nh, nkv, D)
     kv_lens: tuple                 # (a): cached tokens of each request
-    decode: kernels.BenchConfig    # (b)
+    decode: kernel_bench.BenchConfig    # (b)
     model: ModelConfig             # (c), (d)
     adapters: tuple                # (c): adapter counts; the first is slora's reference alone
     trace: dict                    # (c): serve.TraceConfig fields besides adapters
@@ -76,15 +77,16 @@ class Sizes:
     real_model: bool               # (c): serve $LORA_MODEL_PATH's model when it is set
 
 
-GPU = Sizes(lora=kernels.BenchConfig(hidden=1024, tokens=96, adapters=20),
+GPU = Sizes(lora=kernel_bench.BenchConfig(hidden=1024, tokens=96, adapters=20),
             heads=((9, 3, 64), (8, 2, 32), (32, 8, 128), (4, 4, 16)), kv_lens=(1, 37, 300),
-            decode=kernels.BenchConfig(hidden=4096, tokens=256, adapters=100),
+            decode=kernel_bench.BenchConfig(hidden=4096, tokens=256, adapters=100),
             model=ModelConfig(), adapters=(5, 100, 1000),
             trace=dict(rate=400.0, duration=1.0, input_len="8,32", output_len="8,32"),
             pool_pages=60000, batch=(8, 128), real_model=True)
-SMALL = Sizes(lora=kernels.BenchConfig(hidden=40, tokens=12, adapters=3, ranks="2,4", prefill_len=5),
+SMALL = Sizes(lora=kernel_bench.BenchConfig(hidden=40, tokens=12, adapters=3, ranks="2,4",
+                                            prefill_len=5),
               heads=((6, 2, 8),), kv_lens=(1, 7),
-              decode=kernels.BenchConfig(hidden=128, tokens=16, adapters=5, ranks="4,8"),
+              decode=kernel_bench.BenchConfig(hidden=128, tokens=16, adapters=5, ranks="4,8"),
               model=ModelConfig.tiny(), adapters=(2, 4, 8),
               trace=dict(rate=100.0, duration=0.04, input_len="2,4", output_len="2,3"),
               pool_pages=800, batch=(2, 16), real_model=False)
@@ -136,17 +138,17 @@ def verdict(ok: bool) -> str:
 def seconds(fn, device: torch.device) -> tuple:
     """(median seconds of one call of fn, how it was timed)."""
     if device.type != "cuda":
-        return kernels._seconds(fn, 5, device), "wall clock"
+        return kernel_bench.seconds(fn, 5, device), "wall clock"
     return triton.testing.do_bench(fn, rep=50, return_mode="median") / 1e3, "CUDA events, L2 flushed"
 
 
 # ------------------------------------------------------------------ (a) kernels against references
 
-def lora_pairs(cfg: kernels.BenchConfig, device, dtype):
+def lora_pairs(cfg: kernel_bench.BenchConfig, device, dtype):
     """(what, kernel output, reference output) of shrink and expand on one random step of
     cfg.shape, expand to the pool width and to a third of it (k_proj, v_proj under GQA), or to
     cfg.out_dim; rows wider than a page (cfg.in_dim, cfg.out_dim) span several pages."""
-    x, pool_l, _, _, plan = kernels._random_step(cfg, device, dtype)
+    x, pool_l, _, _, plan = kernel_bench.random_step(cfg, device, dtype)
     z = kernels.lora_shrink_ref(x, pool_l, plan)                           # [N, Rm] float32
     yield (f"shrink {cfg.shape}, I={x.shape[1]}", kernels.lora_shrink(x, pool_l, plan, use_triton=True),
            z)
@@ -204,7 +206,7 @@ def part_b(s: Sizes, device, cfg: CheckConfig, write):
     """Shrink, expand and both at S-LoRA's decode shape in bfloat16: the bytes each must move at
     least (x, each used adapter's rows once, z, the output) over its time, against a copy."""
     c = s.decode
-    x, pool_l, tables, slots, plan = kernels._random_step(c, device, torch.bfloat16)
+    x, pool_l, tables, slots, plan = kernel_bench.random_step(c, device, torch.bfloat16)
     N, H, e = c.tokens, c.hidden, x.element_size()
     used = int(tables[3][slots.unique()].sum())              # rows of A (and of B^T) read
     z_bytes = N * plan.max_rank * 4                          # z [N, Rm] float32
@@ -216,7 +218,7 @@ def part_b(s: Sizes, device, cfg: CheckConfig, write):
              "shrink + expand (lora_apply)": (lambda: kernels.lora_apply(x, pool_l, plan, H),
                                               shrink_bytes + expand_bytes),
              "base GEMM x W [N,H]x[H,H]": (lambda: x @ W, e * (2 * N * H + H * H))}
-    copy = kernels.copy_bandwidth(device)
+    copy = kernel_bench.copy_bandwidth(device)
     write(f"N={N} tokens, H={H}, {c.adapters} adapters of ranks {c.ranks} on shuffled pages "
           f"({len(slots.unique())} used, {used} rows of A), bfloat16; device-to-device copy "
           f"{copy / 1e9:.0f} GB/s (bytes read + written)\n")

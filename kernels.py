@@ -1,23 +1,23 @@
-"""S-LoRA's kernels: batched LoRA for many adapters at once, read from one page pool.
+"""S-LoRA's kernels: LoRA for a batch that mixes many adapters, read from the unified pool's pages.
 
-S-LoRA (Sheng et al. 2023, arXiv 2311.03285) serves many adapters in one batch. Section 4
-(Unified Paging) keeps the KV cache and the adapter weights in one pool of pages of H numbers;
-section 5 adds the LoRA part of each projection beside the base GEMM with two kernels that
-gather each token's adapter a straight from those scattered pages. For a token's row x [I]:
+S-LoRA (Sheng et al. 2023, arXiv 2311.03285, section 5) computes the LoRA part of a projection
+beside the base GEMM for a batch whose tokens use different adapters. For a token x [I] of adapter
+s, lora.py's equation (Hu et al. 2021, eq. 3, written for rows as PyTorch stores activations):
 
-    y = x W + scale[a] (x A[a]^T) B[a]^T        A [r, I], B [O, r], scale = alpha / r
-    shrink   z[t, :r] = x[t] A[a]^T                         [I] -> [r], r << I
-    expand   y[t]    += scale[a] z[t, :r] B[a]^T            [r] -> [O] (B stored as B^T [r, O])
+    y = x W0^T + (alpha_s / r_s) (x A_s^T) B_s^T          A_s [r_s, I], B_s [O, r_s], r_s << I
+    shrink   z = x A_s^T                                    [I] -> [r_s]
+    expand   y += (alpha_s / r_s) z B_s^T                   [r_s] -> [O]
 
-I = H for q, k, v, o, gate, up and I = F (ffn_dim) for down; O = H, kv_dim or F.
-
-This is LoRA's h = W0 x + (alpha/r) B A x (Hu et al. 2021, eq. 3) written for row vectors (each
-side transposed), as PyTorch stores activations. MBGMV, multi-size batched gather matrix-vector
-multiplication, is the decode shape: one token per request, any adapter per token. MBGMM, the
-matrix-matrix form, is the prefill shape: segments of tokens that share an adapter, so that each
-adapter tile read from the pool serves 16 tokens. "Multi-size": adapters of different ranks in
-one launch. Slot 0 is the base model (rank 0): its tokens get exact zeros, so base-model requests
-mix freely with adapted ones.
+A_s and B_s^T [r_s, O] are not dense tensors: their rows lie on pages of the unified pool
+(section 4, paging.py), anywhere and in any order, and the kernels gather them in place.
+A segment is a run of consecutive tokens of one adapter: one segment per request when
+prefilling, one per token when decoding. MBGMV and MBGMM (section 5: multi-size batched gather
+matrix-vector / matrix-matrix multiplication) are the same two kernels, shrink and expand, with
+two tile presets: DECODE_TILES, a token per program (per-token decode), and PREFILL_TILES, 16
+tokens of a segment per program, so each adapter tile read from the pool serves 16 (prefill).
+Multi-size: adapters of different ranks in one launch. Slot 0 is the base model (rank 0): its
+tokens get exact zeros, so base-model requests mix freely with adapted ones.
+I = H for q, k, v, o, gate, up and I = F for down; O = H, kv_dim or F.
 
 Pool layout, defined here once (paging.py allocates it, model.py, these kernels and attention.py
 read it):
@@ -34,42 +34,35 @@ read it):
     page 41   | numbers 2H .. F-1    | unused: C_B H - F numbers       |  (down: A [r, F] alike)
     (pages of any owner lie anywhere, in any order)
 
-The page lookup (KV pages: attention.py). With GQA a KV page holds the K (or V) of g = nh / nkv
-tokens and wastes nothing; the price is on the adapter side, where the B^T pages of k_proj/v_proj
-use kv_dim of their H numbers. Adapters: a row of width W spans C = ceil(W / H) pages, numbers
-c H .. c H + H - 1 on its c-th; numbers c H + h of A row j of slot s are at column h of page
-page_ids[a_start[s] + j C_A + c], those of B^T row j on page page_ids[b_start[s] + j C_B + c],
-j < ranks[s]; scales[s] = alpha / r.
-q, k, v, o rows fit one page (C_A = C_B = 1). The kernels walk a row chunk by chunk (a page each),
-so the same two kernels serve every target; each keeps, as a compile-time variant (ONE_PAGE), its
-loop over one page per row for C = 1, so that q, k, v, o compile as they did (shrink: every
-target but down; expand: every target but gate and up).
+KV pages (attention.py): with GQA a page holds the K (or V) of g = nh / nkv tokens and wastes
+nothing; the price is on the adapter side, where the B^T pages of k_proj/v_proj use kv_dim of
+their H numbers. Adapters: a row of width W spans C = ceil(W / H) pages, numbers c H + h of A row
+j of slot s at column h of page page_ids[a_start[s] + j C_A + c], those of B^T row j on page
+page_ids[b_start[s] + j C_B + c], j < ranks[s]; scales[s] = alpha_s / r_s. The kernels walk a
+row page by page, so the same two serve every target; each keeps its loop for C = 1 as a
+compile-time variant, ONE_PAGE (shrink: all but down; expand: all but gate and up).
 paging.py explains the choice of several pages per row over a second page width.
 
 Shape letters: N tokens, H pool width (model dim), P pages, L layers, S adapter slots, r rank of
 one adapter, Rm max rank, I input width, O output width, F ffn_dim, C pages per row (C_A of A,
-C_B of B^T), G segments, T tokens of one segment, nh query heads, nkv KV heads, D head dim,
-g tokens per KV page.
+C_B of B^T), G segments, T tokens of one segment, nh query heads, nkv KV heads, g tokens per page.
 
 One interface for every caller: plan_lora checks a step's adapter tables and segments once (one
-host sync) and returns a LoRAPlan; then per layer lora_apply = lora_expand(lora_shrink(x)). Each
-public function runs its Triton kernel `_name_kernel` on a GPU and the plain-PyTorch `name_ref`
-(same arguments) on a CPU; use_triton=True runs the kernel on a CPU through Triton's interpreter
-(TRITON_INTERPRET=1 set before triton is imported, as the tests do). On a CPU lora_apply runs one
-pair of matrix products per run of tokens that share an adapter (lora_runs), A and B^T read in
-place from the pool (an adapter's pages are allocated consecutively): the bytes a kernel reads.
+host sync) and returns a LoRAPlan; then per layer lora_apply = lora_expand(lora_shrink(x)). On a
+GPU each public function launches its Triton kernel `_name_kernel`; on a CPU it runs `name_ref`
+(same arguments), the reference: a plain PyTorch loop over segments (neighbours of one adapter
+joined, two small matrix products each on views of the pool rows), because Triton compiles for
+GPUs only and its interpreter, a Python step per program, is for tests: use_triton=True runs the
+kernel there (TRITON_INTERPRET=1 set before triton is imported, as the tests do).
 Simplified: tiles are multiplied in float32 (no tensor cores), cheap as r << H.
-Demo: `python kernels.py --small` times the gathered path, the padded-bmm baseline and the base
-GEMM (`--in-dim`, `--out-dim`: rows wider than a page, as down, gate and up have);
-`python kernels.py --compile` compiles every LoRA kernel variant for sm_80 and sm_90 (no GPU
-needed) and prints registers, spills and shared memory (`python attention.py`: attention's).
+Demo: `python kernel_bench.py --small` times these kernels against the padded-bmm baseline, and
+`python kernel_bench.py --compile` compiles every variant for sm_80 and sm_90 (no GPU needed).
 """
 import math
 import os
 import re
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,8 +71,6 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-import cli
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # triton.jit reads it when decorating
 
@@ -113,7 +104,7 @@ def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_st
     a = tl.load(seg_adapter_ptr + seg)
     rank = tl.load(ranks_ptr + a)
     row_ok = j < rank                 # rows past the rank (up to max_rank) get zeros
-    a0 = tl.load(a_start_ptr + a)     # page_ids[a0 + j C_A + c]: chunk c of row j of A[a]
+    a0 = tl.load(a_start_ptr + a)     # page_ids[a0 + j C_A + c]: chunk c of row j of its A
     live = tl.program_id(2) * BLOCK_R < rank           # no live row: no tile
     x_rows = x_ptr + t[:, None] * stride_x                                            # [BT, 1]
     acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
@@ -152,7 +143,7 @@ def _shrink_tile(acc, x_rows, a_rows, h, width, tok_ok, row_ok, BLOCK_T: tl.cons
 
 
 def lora_shrink_ref(x, pool_l, plan):
-    """z [N, Rm] float32: z[t, :r] = x[t] A[a]^T per run of tokens of adapter a, else zeros."""
+    """z [N, Rm] float32: z[t, :r_s] = x[t] A_s^T per run of tokens of adapter s, else zeros."""
     z = torch.zeros(x.shape[0], plan.max_rank, dtype=torch.float32, device=x.device)
     for t0, t1, a_rows, _, _ in plan.runs:
         A = page_rows(pool_l, a_rows, plan.a_chunks, x.shape[1]).float()               # [r, I]
@@ -201,7 +192,7 @@ def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales
 
 
 def lora_expand_ref(z, pool_l, plan, out_dim):
-    """delta [N, O] in the pool's dtype: delta[t] = scale[a] z[t, :r] B[a]^T, else zeros."""
+    """delta [N, O] in the pool's dtype: delta[t] = scales[s] z[t, :r_s] B_s^T, else zeros."""
     delta = torch.zeros(z.shape[0], out_dim, dtype=torch.float32, device=z.device)
     for t0, t1, _, b_rows, scale in plan.runs:
         Bt = page_rows(pool_l, b_rows, plan.b_chunks, out_dim).float()                 # [r, O]
@@ -305,7 +296,7 @@ def _rows(page_list, start, n):
 
 # ---------------------------------------------------------------- the interface
 def lora_shrink(x, pool_l, plan: LoRAPlan, *, out=None, use_triton: Optional[bool] = None):
-    """x [N, I] -> z [N, Rm] float32 with z[t, :r] = x[t] A[a]^T (MBGMV or MBGMM by the plan);
+    """x [N, I] -> z [N, Rm] float32 with z[t, :r_s] = x[t] A_s^T (MBGMV or MBGMM by the plan);
     A's first I numbers are read (I <= C_A H: under tensor parallelism a device's share)."""
     _check_x(x, pool_l, plan)
     z = output_buffer(out, (x.shape[0], plan.max_rank), torch.float32, x.device)
@@ -324,7 +315,7 @@ def lora_shrink(x, pool_l, plan: LoRAPlan, *, out=None, use_triton: Optional[boo
 
 def lora_expand(z, pool_l, plan: LoRAPlan, out_dim, *, out=None,
                 use_triton: Optional[bool] = None):
-    """z [N, >= Rm] float32 -> delta [N, O] in the pool's dtype, delta[t] = scale z[t] B[a]^T."""
+    """z [N, >= Rm] float32 -> delta [N, O] in the pool's dtype, delta[t] = scales[s] z[t] B_s^T."""
     _check_pool(pool_l, plan, out_dim)
     if z.dim() != 2 or z.shape[0] != plan.n_tokens or z.shape[1] < plan.max_rank \
             or z.dtype != torch.float32 or z.device != pool_l.device:
@@ -346,7 +337,7 @@ def lora_expand(z, pool_l, plan: LoRAPlan, out_dim, *, out=None,
 
 
 def lora_apply(x, pool_l, plan: LoRAPlan, out_dim, use_triton: Optional[bool] = None):
-    """delta [N, O] = scale[a] (x A[a]^T) B[a]^T for x [N, I] of one layer: shrink then expand
+    """delta [N, O] = scales[s] (x A_s^T) B_s^T for x [N, I] of one layer: shrink then expand
     on a GPU; on a CPU lora_runs over views of the pool rows."""
     if want_triton(use_triton, x):
         z = lora_shrink(x, pool_l, plan, use_triton=True)
@@ -467,110 +458,8 @@ def want_triton(use_triton, x):
     return x.is_cuda if use_triton is None else use_triton
 
 
-# ---------------------------------------------------------------- benchmark: python kernels.py
-@dataclass
-class BenchConfig:
-    hidden: int = cli.flag(4096, "H, model dim = page width")
-    in_dim: Optional[int] = cli.flag(None, "I, width of A's rows (None: H; down_proj: ffn_dim, "
-                                           "rows over several pages)", int)
-    out_dim: Optional[int] = cli.flag(None, "O, width of B^T's rows (None: H; gate, up: ffn_dim)",
-                                      int)
-    tokens: int = cli.flag(256, "N, tokens in the batch")
-    adapters: int = cli.flag(100, "adapters resident in the pool")
-    ranks: str = cli.flag("8,16,32,64", "ranks to draw from, comma list")
-    shape: str = cli.flag("decode", "decode: a token per request (MBGMV); prefill: MBGMM")
-    prefill_len: int = cli.flag(64, "tokens per request, prefill shape")
-    dtype: str = cli.flag("auto", "float32, float16, bfloat16; auto: float16 on GPU, float32 on CPU")
-    repeats: int = cli.flag(5, "timed runs per variant (after a warm-up)")
-    threads: int = cli.flag(1, "CPU threads for torch (1: steady timings when shared; 0: all)")
-    small: bool = cli.flag(False, "H=1024, 64 tokens, 20 adapters: a quick run on a laptop CPU")
-    compile: bool = cli.flag(False, "compile every kernel for sm_80 and sm_90 (no GPU needed), "
-                                    "print registers, spilled bytes and shared memory")
-
-
-def _random_step(cfg, device, dtype):
-    """x [N, I]; a pool layer whose adapters (slot 0 = base model) lie on shuffled pages among as
-    many free ones; the tables; each token's slot [N] and the step's plan."""
-    g = torch.Generator().manual_seed(0)
-    choices = torch.tensor([int(r) for r in cfg.ranks.split(",")], dtype=torch.int32)
-    ranks = choices[torch.randint(len(choices), (cfg.adapters + 1,), generator=g)]
-    ranks[0] = 0
-    I, O = cfg.in_dim or cfg.hidden, cfg.out_dim or cfg.hidden
-    ca, cb = -(-I // cfg.hidden), -(-O // cfg.hidden)                      # pages per row
-    a_start = torch.cumsum((ca + cb) * ranks, 0, dtype=torch.int32) - (ca + cb) * ranks
-    pages = 2 * int((ca + cb) * ranks.sum())                            # A rows, then B^T rows
-    tables = [torch.randperm(pages, generator=g)[:pages // 2].int(), a_start, a_start + ca * ranks,
-              ranks, 1.0 + torch.rand(cfg.adapters + 1, generator=g)]
-    slots = torch.randint(1, cfg.adapters + 1, (cfg.tokens,), generator=g, dtype=torch.int32)
-    if cfg.shape == "prefill":   # requests of prefill_len tokens, one adapter each: segments
-        slots = slots[::cfg.prefill_len].repeat_interleave(cfg.prefill_len)[:cfg.tokens]
-        seg_adapter, lengths = torch.unique_consecutive(slots, return_counts=True)      # [G]
-        segments = segment_starts(lengths), seg_adapter
-    else:                        # decode: sorted by adapter as the engine sorts, one token each
-        slots = slots.sort().values
-        segments = torch.arange(cfg.tokens + 1, dtype=torch.int32), slots
-    x = torch.randn(cfg.tokens, I, generator=g).to(device, dtype)
-    pool_l = (torch.randn(pages, cfg.hidden, generator=g) / I ** 0.5).to(device, dtype)
-    tables, slots = [t.to(device) for t in tables], slots.to(device)
-    plan = plan_lora(pool_l, *tables, *(s.to(device) for s in segments), int(ranks.max()),
-                     per_token=cfg.shape == "decode", a_chunks=ca, b_chunks=cb)   # checked once
-    return x, pool_l, tables, slots, plan
-
-
-def _seconds(fn, repeats, device):
-    """Median wall time of `repeats` calls after a warm-up (which compiles Triton kernels)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeats + 1):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
-
-
-def copy_bandwidth(device="cpu", nbytes=256 << 20) -> float:
-    """Bytes per second of a large tensor copy on `device` (each byte read once, written once)."""
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / _seconds(lambda: dst.copy_(src), 5, torch.device(device))
-
-
-def benchmark(cfg: BenchConfig):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = cfg.dtype if cfg.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
-    x, pool_l, tables, slots, plan = _random_step(cfg, device, getattr(torch, name))
-    H, I, O = cfg.hidden, cfg.in_dim, cfg.out_dim
-    padded = lambda: [w[0] for w in pad_adapters(pool_l[None], plan, I, O)]   # A, Bt of one layer
-    A, Bt = padded()
-    W = torch.randn(I, O, device=device).to(x.dtype) / I ** 0.5
-    variants = {"gathered from pages (lora_apply)": lambda: lora_apply(x, pool_l, plan, O),
-                "bmm, padding copy included": lambda: bmm_lora(x, *padded(), slots),
-                "bmm, weights already padded": lambda: bmm_lora(x, A, Bt, slots),
-                "base GEMM x W [N,I]x[I,O]": lambda: x @ W}
-    print(f"{cfg.shape}: N={cfg.tokens} H={H} I={I} O={O} adapters={cfg.adapters} "
-          f"ranks={cfg.ranks} {name} {device}")
-    want, sec = lora_apply(x, pool_l, plan, O).float(), {}
-    for label, fn in variants.items():
-        sec[label] = _seconds(fn, cfg.repeats, device)
-        lora = sec["gathered from pages (lora_apply)"]
-        diff = f"  max|diff| {(fn().float() - want).abs().max():.1e}" if "GEMM" not in label else ""
-        print(f"  {label:34s} {sec[label] * 1e3:9.3f} ms  x{sec[label] / lora:6.2f}{diff}")
-    print(f"  LoRA (gathered) / base GEMM: {lora / sec['base GEMM x W [N,I]x[I,O]']:.2f}")
-    if device.type == "cuda":   # bytes moved at least: x, y and each used adapter once
-        used = int(tables[3][slots.unique()].sum())
-        nbytes = x.element_size() * (cfg.tokens * (I + O) + used * (I + O))
-        copy = copy_bandwidth(device)
-        print(f"  gathered: {nbytes / lora / 1e9:.1f} GB/s = {nbytes / lora / copy:.2f} of copy "
-              f"bandwidth ({copy / 1e9:.0f} GB/s)")
-    else:
-        print("  On a CPU the gathered path is the reference (lora_runs), a Python loop of two small\n"
-              "  matrix products per run of tokens, so bmm (one library call over padded copies) can\n"
-              "  win here. The kernels are made for a GPU: no copy, no padded rank, one launch.")
-
-
 # ---------------------------------------------------------------- compiled for a GPU, no GPU needed
+# kernel_bench.py --compile prints these for the LoRA kernels, attention.py for its own.
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -594,7 +483,8 @@ def compile_for(kernel, dtype, constexprs, arch):
              **{a: "*" + TRITON_TYPES[dtype] for a in ("x_ptr", "pool_ptr", "out_ptr", "q_ptr")}}
     signature = {a: types.get(a, "*i32" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
     signature.update((a, "constexpr") for a in constexprs)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                              target=GPUTarget("cuda", arch, 32))
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -612,18 +502,3 @@ def print_compiled(variants):
         print(f"{label:<32} {TRITON_TYPES[dtype]:<5}"
               + "".join(f" | sm_{a}: regs {r:>3d} spill {s:>3d} smem {m:>6d}"
                         for a, (r, s, m) in zip((80, 90), cells)))
-
-
-if __name__ == "__main__":
-    cfg, = cli.parse([BenchConfig], "Time S-LoRA's gathered LoRA against the padded-bmm baseline.")
-    if cfg.shape not in ("decode", "prefill"):
-        raise SystemExit(f"--shape must be decode or prefill, got {cfg.shape!r}")
-    if cfg.small:
-        cfg.hidden, cfg.tokens, cfg.adapters = 1024, 64, 20
-    cfg.in_dim, cfg.out_dim = cfg.in_dim or cfg.hidden, cfg.out_dim or cfg.hidden
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    if cfg.compile:
-        print_compiled(kernel_variants())
-    else:
-        benchmark(cfg)

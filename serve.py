@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import cli
-import kernels
+import kernel_bench
 import server
 import tp
 import vs_peft
@@ -146,7 +146,7 @@ def replay(engine: Engine, trace: List[dict], names: List[Optional[str]], slo: f
             i += 1
         if not engine.step() and i < len(trace):
             time.sleep(max(0.0, min(0.01, trace[i]["arrival"] - engine.now())))
-    reqs = [engine.requests[k] for k in ids]
+    reqs = [engine.records[k].request for k in ids]
     done = [r for r in reqs if r.state == State.FINISHED]
     span = max(r.finished_at for r in reqs if r.finished_at is not None) - trace[0]["arrival"]
     decode = [st for st in engine.stats if st.decode]
@@ -176,7 +176,7 @@ def register_adapters(engine: Engine, mode: str, trace, adapters,
     """Register the synthetic and the real (name -> path) adapters; returns the adapter of each
     request of the trace (in the base mode every request runs without adapter)."""
     for ad in adapters:
-        engine.register(ad)
+        engine.registry.register(ad)
     for name, path in real.items():
         engine.add_adapter(name, path)
     pool_names = [a.name for a in adapters] + list(real)
@@ -211,7 +211,7 @@ def report(rows: Dict[str, dict], model: Llama):
     for other in ("merged", "no-unified", "bmm", "base"):
         if other in rows:
             print(f"slora / {other} throughput: {r['req/s'] / rows[other]['req/s']:.2f}x")
-    bw = kernels.copy_bandwidth(model.lm_head.weight.device)
+    bw = kernel_bench.copy_bandwidth(model.lm_head.weight.device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     lora, kv, mib = r["lora_mib"] * 2**20, r["kv_mib"] * 2**20, 2**20
     floor = (weights + lora + kv) / bw
@@ -376,8 +376,8 @@ def in_process(model: Llama, b: BenchConfig, t: TraceConfig, e: EngineConfig):
     def make_engine(mode):
         return Engine(model, None, **asdict(e))
     (_, engine, _), = replay_modes(model, ["slora"], b, t, make_engine, print)
-    reqs = [engine.requests[i] for i in sorted(engine.requests)]   # in trace order
-    timed = [(r.arrival, r.first_token_at, r.finished_at, engine.tokens[r.id][r.prompt_len:])
+    reqs = [engine.records[i].request for i in sorted(engine.records)]   # in trace order
+    timed = [(r.arrival, r.first_token_at, r.finished_at, engine.records[r.id].output())
              if r.state == State.FINISHED else None for r in reqs]
     return latency_row(timed, engine), [None if x is None else x[3] for x in timed]
 

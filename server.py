@@ -100,7 +100,7 @@ class EngineLoop:
             if not self.accepting:
                 raise ApiError(503, "the server is shutting down", "unavailable")
             rid = self.engine.submit(prompt, adapter, max_tokens, sampling=sampling, stop_ids=stop_ids)
-            reason = self.engine.failure(rid)
+            reason = self.engine.records.failure(rid)
             if reason is not None:
                 self.engine.forget(rid)
                 raise ApiError(400, reason)
@@ -183,9 +183,9 @@ class EngineLoop:
     def _publish(self):
         """New tokens -> whole characters of text; finished or failed requests end."""
         for c in list(self.live.values()):
-            ids, state, reason = self.engine.progress(c.rid)
+            ids, state, reason = self.engine.records.progress(c.rid)
             c.ids = ids
-            text = self.tok.decode([t for t in ids if t not in self.engine.stop_ids(c.rid)])
+            text = self.tok.decode([t for t in ids if t not in self.engine.records.stop_ids(c.rid)])
             if text.endswith("\ufffd") and state == "running":
                 text = c.text                          # never half a UTF-8 character
             hit = [text.find(s) for s in c.stop if s in text]
@@ -197,7 +197,7 @@ class EngineLoop:
                 self.engine.cancel(c.rid)
                 self._end(c, "stop")
             elif state == "finished":
-                self._end(c, "stop" if ids and ids[-1] in self.engine.stop_ids(c.rid) else "length")
+                self._end(c, "stop" if ids and ids[-1] in self.engine.records.stop_ids(c.rid) else "length")
             elif state in ("failed", "aborted", "cancelled"):
                 self._end(c, state, reason)
 

@@ -1566,7 +1566,7 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
     """What the engine can launch (each dtype, decode and prefill tiles, shrink and expand of rows
     on one page (q, k, v, o) or over several (down's A, gate's and up's B^T), attention for head
     dims up to 128), compiled by Triton's own ptxas without a GPU: every variant for sm_90 and the bfloat16
-    ones for sm_80 (all of sm_80: `python kernels.py --compile`, `python attention.py`; kept out of the suite for
+    ones for sm_80 (all of sm_80: `python kernel_bench.py --compile`, `python attention.py`; kept out of the suite for
     time). No register spills, shared memory that fits.
     In a child process: this one runs Triton's interpreter, which cannot compile."""
     import subprocess
@@ -2064,7 +2064,7 @@ def check_mixed_batch_equals_merged(base, root, specs, mode, fresh_base, host_ad
     while engine.step() or engine.pending():
         pass
     for rid, (prompt, name, n) in zip(ids, reqs):
-        assert engine.tokens[rid][len(prompt):] == merged_alone(base, root, prompt, name, n), (mode, name)
+        assert engine.records[rid].tokens[len(prompt):] == merged_alone(base, root, prompt, name, n), (mode, name)
     stats = engine.pool.stats()
     assert stats.kv == 0 and stats.free + stats.adapter == stats.total
     x = torch.randint(0, 259, (1, 5))
@@ -2165,7 +2165,7 @@ def test_1000_request_trace_ends_with_every_page_free(served):
     trace = serve.make_trace(t, vocab_size=259)
     names = [[None, "a", "b", "c", "d"][r["adapter"] % 5] for r in trace]
     stats = serve.replay(engine, trace, names, slo=0.5)
-    states = [r.state for r in engine.requests.values()]
+    states = [r.request.state for r in engine.records.values()]
     assert len(states) == 1000 and set(states) <= {State.FINISHED, State.ABORTED}
     assert stats["aborted"] == states.count(State.ABORTED)
     assert engine.pool.stats().kv == 0 and engine.pool.stats().free + engine.pool.stats().adapter == 150
@@ -2192,7 +2192,7 @@ def test_host_limit_keeps_n_adapters_in_memory_reads_the_rest_and_changes_no_out
     for name in HOST_SPECS:
         limited.add_adapter(name, str(root / name))
         unlimited.add_adapter(name, str(root / name))
-    store = limited.host_store
+    store = limited.registry.host_store
     assert store.reads == 6 and [c.name for c in store.copies.values()] == ["h4", "h5"]
     g = torch.Generator().manual_seed(4)
     for names, empty_pool_first in HOST_ROUNDS:
@@ -2203,7 +2203,7 @@ def test_host_limit_keeps_n_adapters_in_memory_reads_the_rest_and_changes_no_out
         ids = [limited.submit(p, n, 4) for p, n in zip(prompts, names)]
         while limited.step() or limited.pending():
             assert len(store.copies) <= 2                          # host memory: never above 2 adapters
-        assert [limited.result(i) for i in ids] == unlimited.generate(prompts, names, 4)
+        assert [limited.records.result(i) for i in ids] == unlimited.generate(prompts, names, 4)
     assert store.reads == 14 and [c.name for c in store.copies.values()] == ["h4", "h0"]
     metrics = limited.metrics()
     assert metrics["adapter_disk_reads"][1] == 14 and metrics["adapters_in_host_memory"][1] == 2
@@ -2224,7 +2224,7 @@ def test_host_limit_refuses_bad_adapters_at_registration_and_fails_only_requests
     _write_adapter(tmp_path / "nan", {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}, bad)
     with pytest.raises(AdapterError, match="NaN"):           # read whole at registration: values checked
         engine.add_adapter("nan", str(tmp_path / "nan"))
-    assert not engine.has_adapter("nan") and len(engine.host_store.copies) <= 1
+    assert not engine.has_adapter("nan") and len(engine.registry.host_store.copies) <= 1
     (root / "x" / "adapter_model.safetensors").unlink()
     conf = json.loads((root / "y" / "adapter_config.json").read_text())
     (root / "y" / "adapter_config.json").write_text(json.dumps({**conf, "lora_alpha": 99}))
@@ -2233,14 +2233,14 @@ def test_host_limit_refuses_bad_adapters_at_registration_and_fails_only_requests
     assert isinstance(out[1], E.Failed) and "changed after registration" in out[1].reason
     assert out[2:] == [merged_alone(base, root, [1, 2, 3], name, 3) for name in ("z", None)]
     assert engine.pool.stats().adapter == 2 * 1 * 1 and engine.pool.stats().kv == 0   # only z's pages
-    assert engine.remove_adapter("x") == 0 and all(c.name != "x" for c in engine.host_store.copies.values())
+    assert engine.remove_adapter("x") == 0 and all(c.name != "x" for c in engine.registry.host_store.copies.values())
 
 # ------------------------------------------------------------------------------ the engine survives bad input, faults
 
 def assert_nothing_held(engine):
     """Nothing waiting or running; no KV page, no adapter reference left."""
     stats = engine.pool.stats()
-    assert not engine.pending() and not engine.live and not engine.holds_adapter
+    assert not engine.pending() and not engine.live and not any(r.holds_pages for r in engine.records.values())
     assert stats.kv == 0 and stats.free + stats.adapter == stats.total
     assert all(res.refs == 0 for res in engine.pool.resident.values())
 
@@ -2250,7 +2250,8 @@ BAD_REQUESTS = [  # (prompt, adapter, max_new_tokens, temperature), what the rea
     (([1, -2], None, 3, 0.0), "token ids"), (([1, 2.5], None, 3, 0.0), "token ids"),
     (([1, True], None, 3, 0.0), "token ids"), (("hello", None, 3, 0.0), "list of token ids"),
     (([], None, 3, 0.0), "non-empty"), (([1, 2], None, 2.5, 0.0), "max_new_tokens"),
-    (([1, 2], None, 0, 0.0), "max_new_tokens"), (([1] * 500, None, 20, 0.0), "max_seq_len=512"),
+    (([1, 2], None, 0, 0.0), "max_new_tokens"), (([1] * 500, None, 20, 0.0),
+     r"maximum context length is 512 tokens\. However, you requested 520 tokens \(500 in the prompt, 20 in"),
     (([1, 2], None, 3, -1.0), "temperature"), (([1, 2], None, 3, float("nan")), "temperature"),
     (([1, 2], "nope", 3, 0.0), "unknown adapter 'nope'"), (([1] * 30, "a", 30, 0.0), "whole pool")]
 
@@ -2262,12 +2263,12 @@ def test_bad_requests_fail_alone_at_submission_holding_nothing(served):
     good = engine.submit([1, 2, 3], "a", 4)
     bad = [engine.submit(*args[:3], temperature=args[3]) for args, _ in BAD_REQUESTS]
     for rid, (_, reason) in zip(bad, BAD_REQUESTS):
-        out = engine.result(rid)
+        out = engine.records.result(rid)
         assert isinstance(out, E.Failed) and out.state == State.FAILED and re.search(reason, out.reason)
     assert engine.live == {good} and engine.pool.stats().kv == 0
     while engine.step():
         pass
-    assert engine.result(good) == merged_alone(base, root, [1, 2, 3], "a", 4)
+    assert engine.records.result(good) == merged_alone(base, root, [1, 2, 3], "a", 4)
     assert_nothing_held(engine)
 
 
@@ -2308,10 +2309,10 @@ def test_non_finite_logits_fail_their_request_alone(served):
     engine.add_adapter("a", str(root / "a"))
     huge = HostAdapter.random("huge", cfg.n_layers, cfg.dim, {"v_proj": cfg.kv_dim}, rank=2)
     huge.weights["v_proj"].mul_(1e25)           # finite weights whose products overflow float32
-    engine.register(huge)
+    engine.registry.register(huge)
     with pytest.raises(AdapterError, match="not finite"):   # a non-finite scale is refused
-        engine.register(dataclasses.replace(huge, name="nan", scale=float("nan")))
-    assert list(engine.adapters) == ["a", "huge"] and "nan" not in engine.pool.host
+        engine.registry.register(dataclasses.replace(huge, name="nan", scale=float("nan")))
+    assert list(engine.registry.current) == ["a", "huge"] and "nan" not in engine.pool.host
     out = engine.generate([[1, 2, 3], [4, 5], [6]], ["a", "huge", None], 4)
     assert isinstance(out[1], E.Failed) and "not finite" in out[1].reason
     assert out[0] == merged_alone(base, root, [1, 2, 3], "a", 4) and out[2] == merged_alone(base, root, [6], None, 4)
@@ -2328,17 +2329,17 @@ def test_a_name_registered_again_serves_new_requests_while_running_ones_finish(s
     second = engine.submit([1, 2, 3], "x", 6)
     while engine.step():
         pass
-    assert engine.result(first) == merged_alone(base, root, [1, 2, 3], "a", 6)
-    assert engine.result(second) == merged_alone(base, root, [1, 2, 3], "b", 6)
-    assert list(engine.pool.host) == [engine.adapters["x"]]   # the first version is gone
+    assert engine.records.result(first) == merged_alone(base, root, [1, 2, 3], "a", 6)
+    assert engine.records.result(second) == merged_alone(base, root, [1, 2, 3], "b", 6)
+    assert list(engine.pool.host) == [engine.registry.current["x"]]   # the first version is gone
     third = engine.submit([4, 5], "x", 5)
     engine.step()
     engine.remove_adapter("x")                         # deferred: the running request finishes
     fourth = engine.submit([4, 5], "x", 5)
     while engine.step():
         pass
-    assert engine.result(third) == merged_alone(base, root, [4, 5], "b", 5)
-    assert "unknown adapter 'x'" in engine.result(fourth).reason
+    assert engine.records.result(third) == merged_alone(base, root, [4, 5], "b", 5)
+    assert "unknown adapter 'x'" in engine.records.result(fourth).reason
     assert not engine.pool.host and engine.pool.stats().free == engine.pool.stats().total
     with pytest.raises(KeyError, match="'x' is not registered"):
         engine.remove_adapter("x")
@@ -2367,12 +2368,12 @@ def test_an_interrupted_generate_cancels_its_requests_and_cancel_frees_pages(ser
     monkeypatch.setattr(base, "forward_paged", interrupted)
     with pytest.raises(KeyboardInterrupt):
         engine.generate([[1, 2], [3, 4, 5]], ["a", None], 8)
-    assert [engine.requests[i].state for i in (0, 1)] == [State.ABORTED] * 2
+    assert [engine.records[i].request.state for i in (0, 1)] == [State.ABORTED] * 2
     assert_nothing_held(engine)
     rid = engine.submit([1, 2, 3], "a", 8)
     engine.step()
     assert engine.pool.stats().kv > 0 and engine.cancel(rid) and not engine.cancel(rid)
-    assert engine.result(rid) == E.Failed("cancelled", State.ABORTED)
+    assert engine.records.result(rid) == E.Failed("cancelled", State.ABORTED)
     assert_nothing_held(engine)
     assert engine.generate([[7, 8]], ["a"], 3) == [merged_alone(base, root, [7, 8], "a", 3)]
 
@@ -2418,20 +2419,20 @@ def test_seeded_sampling_is_each_requests_own_and_stop_ids_end_requests(served):
               engine.submit([9, 9], "a", 6, temperature=0.0, stop_ids=[greedy[2]])]
     rid = engine.submit(prompt, "b", 8, sampling=params)
     run_engine(engine)
-    assert engine.result(rid) == want                    # whatever else shared the batch
-    assert engine.result(others[1]) == greedy[:greedy.index(greedy[2]) + 1]
-    assert engine.progress(others[1]) == (engine.result(others[1]), "finished", None)
+    assert engine.records.result(rid) == want                    # whatever else shared the batch
+    assert engine.records.result(others[1]) == greedy[:greedy.index(greedy[2]) + 1]
+    assert engine.records.progress(others[1]) == (engine.records.result(others[1]), "finished", None)
     metrics = {k: v for k, (_, v) in engine.metrics().items()}
     assert metrics["requests_finished"] == 3 and metrics["requests_waiting"] == metrics["requests_running"] == 0
-    assert metrics["tokens_generated"] == 8 + 8 + len(engine.result(others[1]))
+    assert metrics["tokens_generated"] == 8 + 8 + len(engine.records.result(others[1]))
     assert metrics["pages_kv"] == 0 and metrics["adapter_loads"] == metrics["adapters_resident"] == 3
     assert metrics["pages_free"] + metrics["pages_adapter"] == 400 and metrics["adapters_registered"] == 4
     bad = [engine.submit([1], None, 2, sampling=M.SamplingParams(top_p=0)),
            engine.submit([1], None, 2, stop_ids=["x"]), engine.submit([1], None, 2, sampling=0.5)]
-    assert [engine.failure(i)[:15] for i in bad] == ["request 3: top_", "request 4: stop", "request 5: samp"]
-    assert engine.metrics()["requests_failed"][1] == 3 and engine.failure(rid) is None
+    assert [engine.records.failure(i)[:4] for i in bad] == ["top_", "stop", "samp"]
+    assert engine.metrics()["requests_failed"][1] == 3 and engine.records.failure(rid) is None
     engine.forget(rid)
-    assert rid not in engine.requests and rid not in engine.tokens
+    assert rid not in engine.records
     live = engine.submit([1, 2], None, 4)
     with pytest.raises(ValueError, match="has not ended"):
         engine.forget(live)
@@ -2456,7 +2457,7 @@ class AloneReference:
         key = (tuple(prompt), None if adapter is None else id(adapter), n)
         if adapter is not None and id(adapter) not in self.known:
             self.known[id(adapter)] = name = f"v{len(self.known)}"
-            self.engine.register(dataclasses.replace(adapter, name=name))
+            self.engine.registry.register(dataclasses.replace(adapter, name=name))
         if key not in self.cache:
             name = None if adapter is None else self.known[id(adapter)]
             self.cache[key] = self.engine.generate([prompt], [name], n)[0]
@@ -2468,7 +2469,7 @@ def test_soak_faults_in_15_percent_of_forwards_lose_nothing_and_leak_nothing():
     adapters = soak_adapters(model.config, 50, rng)
     alone, engine = AloneReference(copy.deepcopy(model)), E.Engine(model, None, pool_pages=250, policy="cluster")
     for ad in adapters:
-        engine.register(ad)
+        engine.registry.register(ad)
     forward = model.forward_paged
 
     def faulty(*args):
@@ -2490,7 +2491,7 @@ def test_soak_faults_in_15_percent_of_forwards_lose_nothing_and_leak_nothing():
             pass
         todo = []
         for rid, k in submitted.items():
-            out = engine.result(rid)
+            out = engine.records.result(rid)
             if isinstance(out, E.Failed):
                 assert "RuntimeError: injected fault" in out.reason
                 todo.append(k)
@@ -2522,13 +2523,13 @@ def test_soak_a_random_mix_of_good_and_bad_requests_adapters_and_cancellations(t
                               ([1, 2], "missing", 2), ([1], None, 0), ("text", None, 2)])
             invalid.append(engine.submit(*bad))
         elif action < 0.68:
-            before = dict(engine.adapters)
+            before = dict(engine.registry.current)
             with pytest.raises(AdapterError):
                 engine.add_adapter(rng.choice(names + ["new"]), str(rng.choice(broken)))
-            assert engine.adapters == before
+            assert engine.registry.current == before
         elif action < 0.8:
             ad, = soak_adapters(model.config, 1, rng, prefix=rng.choice("pqrs"))
-            engine.register(ad)                       # a new name, or a new version of one
+            engine.registry.register(ad)                       # a new name, or a new version of one
             version[ad.name] = ad
         elif action < 0.88 and names:
             name = rng.choice(names)
@@ -2539,16 +2540,16 @@ def test_soak_a_random_mix_of_good_and_bad_requests_adapters_and_cancellations(t
         engine.step()
     while engine.step() or engine.pending():
         pass
-    assert all(engine.requests[i].state == State.FAILED and engine.reasons[i] for i in invalid)
-    outcomes = {engine.requests[rid].state for rid in valid}
+    assert all(engine.records[i].request.state == State.FAILED and engine.records[i].reason for i in invalid)
+    outcomes = {engine.records[rid].request.state for rid in valid}
     assert outcomes == {State.FINISHED, State.ABORTED}
     for rid, request in valid.items():
-        if engine.requests[rid].state == State.FINISHED:
-            assert engine.result(rid) == alone(*request), rid
+        if engine.records[rid].request.state == State.FINISHED:
+            assert engine.records.result(rid) == alone(*request), rid
         else:
-            assert engine.reasons[rid] == "cancelled"
+            assert engine.records[rid].reason == "cancelled"
     assert_nothing_held(engine)
-    assert set(engine.pool.host) == set(engine.adapters.values())   # old versions all gone
+    assert set(engine.pool.host) == set(engine.registry.current.values())   # old versions all gone
 
 
 # ------------------------------------------------------------------------------ tensor parallelism (tp.py)
@@ -2580,17 +2581,17 @@ def serve_requests(engine, root, adapter_dir=lambda name: name):
     for name in SPECS:
         engine.add_adapter(name, str(root / adapter_dir(name)))
     logits, steps = [], []
-    forward, make_lora = engine.model.forward_paged, engine._lora
+    forward, make_lora = engine.model.forward_paged, engine.runner.lora
 
     def recording_forward(batch, pool, lora_fn=None):
         logits.append(forward(batch, pool, lora_fn).clone())
         return logits[-1]
 
-    def recording_lora(slots):          # Engine._lora(slots): the step's adapters
+    def recording_lora(slots):          # ModelRunner.lora(slots): the step's adapters
         steps.append((int(slots.lengths.sum()), list(slots.names)))
         return make_lora(slots)
 
-    engine.model.forward_paged, engine._lora = recording_forward, recording_lora
+    engine.model.forward_paged, engine.runner.lora = recording_forward, recording_lora
     reqs, ids = mixed_requests(12), []
     for i, (prompt, name, n) in enumerate(reqs):
         ids.append(engine.submit(prompt, name, n))
@@ -2598,7 +2599,7 @@ def serve_requests(engine, root, adapter_dir=lambda name: name):
             engine.step(), engine.step()
     while engine.step() or engine.pending():
         pass
-    return [engine.tokens[k][len(p):] for k, (p, _, _) in zip(ids, reqs)], torch.cat(logits), steps
+    return [engine.records[k].tokens[len(p):] for k, (p, _, _) in zip(ids, reqs)], torch.cat(logits), steps
 
 
 DENSE_INPUT = [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]]
@@ -2875,7 +2876,7 @@ def test_chat_prompt_is_chatml_and_ends_at_im_end(http_adapters):
     assert prompt == ids and stop_ids == {EOS, end}
     rid = engine.submit(ids, "r4", 3, stop_ids=[greedy[1]])   # as if token 2 were <|im_end|>
     run_engine(engine)
-    assert engine.result(rid) == greedy[:greedy.index(greedy[1]) + 1]
+    assert engine.records.result(rid) == greedy[:greedy.index(greedy[1]) + 1]
 
 
 def test_stop_strings_and_seeded_sampling(http):
@@ -2901,7 +2902,7 @@ HTTP_BAD_REQUESTS = [   # (path, body, status, words in the message)
     ("/v1/completions", {"model": "nope", "prompt": "a"}, 404, "nope"),
     ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 999]}, 400, "999"),
-    ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 600}, 400, "max_seq_len"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 600}, 400, "maximum context length is"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2.5}, 400, "max_tokens"),
@@ -3040,7 +3041,7 @@ def test_serving_flags_reach_model_and_pool_and_bfloat16_stays_close_to_float32(
         engine = E.Engine(model, None, pool_pages=300)
         assert engine.pool.tensor.dtype == model.lm_head.weight.dtype
         for ad in adapters:
-            engine.register(ad)
+            engine.registry.register(ad)
         outputs.append(engine.generate([[5, 6, 7, 8], [9, 10]], ["adapter-0", "adapter-2"], 5))
     assert outputs[0] == outputs[1]
 

@@ -58,7 +58,8 @@ import torch.nn as nn
 
 import cli
 import kernels
-from engine import AdapterSlots, Engine
+from engine import Engine, PoolMemory
+from runner import AdapterSlots, ModelRunner
 from model import Llama, ModelConfig
 from adapters import HostAdapter, pack
 from scheduler import RequestRejected
@@ -206,49 +207,32 @@ class Comm:
 
 # ---------------------------------------------------------------------- the engine on one device
 
-class ShardedEngine(Engine):
-    """engine.Engine (slora) on one device's shard (the model passed through shard_model)."""
+class ShardedMemory(PoolMemory):
+    """The unified pool of one device: each adapter's pages hold this device's share of it."""
 
-    def __init__(self, model: Llama, comm: Comm, shard: Shard, eos_id=None, **options):
-        self.comm, self.shard = comm, shard
-        self.step_bytes = []                        # (base, lora) bytes of each step
-        super().__init__(model, eos_id, **options)
-        self.b_widths = {t: _width(shard.lora_split(t)[2]) for t in self.out_dim}   # its B^T cols
-        # o, down: a delta [N, H], zeros but in its columns
-        self.out_dim = {**self.b_widths, **{t: model.config.dim for t in ROW_PARALLEL}}
+    def __init__(self, model: Llama, cfg, shard: Shard):
+        self.shard = shard
+        super().__init__(model, cfg)
 
-    def now(self) -> float:
-        """Rank 0's clock on every device: all see the same arrivals and deadlines, so all agree."""
-        t = torch.tensor([super().now()], dtype=torch.float64, device=self.comm.device)
-        return float(self.comm.broadcast(t, "clock"))
-
-    def _store(self, adapter: HostAdapter):
-        super()._store(adapter)   # checks the whole adapter against the model
+    def store(self, adapter: HostAdapter):
+        super().store(adapter)   # checks the whole adapter against the model
         # The whole adapter's widths: they fix its pages, which hold this device's share.
         self.pool.host[adapter.name] = HostAdapter(adapter.name, adapter.rank, adapter.scale,
                                                    _ShardPages(adapter, self.shard), adapter.out,
                                                    adapter.inp)
 
-    def _check_request(self, prompt, adapter, max_new_tokens, temperature):
-        super()._check_request(prompt, adapter, max_new_tokens, temperature)
-        if temperature != 0:
-            raise RequestRejected("tensor parallelism samples greedily (temperature 0): the "
-                                  "devices pick their tokens without talking")
 
-    def _fail(self, req, what: str, error: Exception):
-        """Not survived here: the other devices may not have failed, and their collectives would
-        wait for this one. The error ends the group (launch)."""
-        raise error
+class ShardedRunner(ModelRunner):
+    """The model runner on one device's shard: LoRA as S-LoRA's Figure 4."""
 
-    def step(self) -> bool:
-        before = self.comm.bytes["base"], self.comm.bytes["lora"]
-        ran = super().step()
-        if ran:
-            self.step_bytes.append((self.comm.bytes["base"] - before[0],
-                                    self.comm.bytes["lora"] - before[1]))
-        return ran
+    def __init__(self, model: Llama, pool, comm: Comm, shard: Shard):
+        super().__init__(model, pool)
+        self.comm, self.shard = comm, shard
+        self.b_widths = {t: _width(shard.lora_split(t)[2]) for t in self.out_dim}   # its B^T cols
+        # o, down: a delta [N, H], zeros but in its columns
+        self.out_dim = {**self.b_widths, **{t: model.config.dim for t in ROW_PARALLEL}}
 
-    def _lora(self, slots: AdapterSlots):
+    def lora(self, slots: AdapterSlots):
         """S-LoRA's Figure 4 on this device's pages: shrink, the collective, expand."""
         if not slots.names:
             return None
@@ -279,6 +263,45 @@ class ShardedEngine(Engine):
             # is row i W + k of A, the order of B^T's rows
             return kernels.lora_expand(z, pool_l, full, self.out_dim[target])
         return lora
+
+
+class ShardedEngine(Engine):
+    """engine.Engine (slora) on one device's shard (the model passed through shard_model)."""
+
+    def __init__(self, model: Llama, comm: Comm, shard: Shard, eos_id=None, **options):
+        self.comm, self.shard = comm, shard
+        self.step_bytes = []                        # (base, lora) bytes of each step
+        super().__init__(model, eos_id, **options)
+
+    def _make_memory(self) -> PoolMemory:
+        return ShardedMemory(self.model, self.cfg, self.shard)
+
+    def _make_runner(self) -> ModelRunner:
+        return ShardedRunner(self.model, self.pool, self.comm, self.shard)
+
+    def now(self) -> float:
+        """Rank 0's clock on every device: all see the same arrivals and deadlines, so all agree."""
+        t = torch.tensor([super().now()], dtype=torch.float64, device=self.comm.device)
+        return float(self.comm.broadcast(t, "clock"))
+
+    def _validate(self, prompt, adapter, max_new_tokens, params, stop_ids):
+        super()._validate(prompt, adapter, max_new_tokens, params, stop_ids)
+        if params.temperature != 0:
+            raise RequestRejected("tensor parallelism samples greedily (temperature 0): the "
+                                  "devices pick their tokens without talking")
+
+    def _fail(self, rec, what: str, error: Exception):
+        """Not survived here: the other devices may not have failed, and their collectives would
+        wait for this one. The error ends the group (launch)."""
+        raise error
+
+    def step(self) -> bool:
+        before = self.comm.bytes["base"], self.comm.bytes["lora"]
+        ran = super().step()
+        if ran:
+            self.step_bytes.append((self.comm.bytes["base"] - before[0],
+                                    self.comm.bytes["lora"] - before[1]))
+        return ran
 
 
 # ---------------------------------------------------------------------- processes
