@@ -10,7 +10,8 @@ loading it is one indexed copy per target.
 Every registered adapter stays in host memory (pinned under CUDA), as in S-LoRA, unless a host
 limit N is set: then adapters registered by path keep at most N copies in host memory (HostStore,
 least recently read dropped first) and the others are read from their files when the pool loads
-them, so that disk, not host memory, bounds how many are served.
+them, so that disk, not host memory, bounds how many are served. AdapterRegistry is the
+engine's view of names: the current version of each, and how many running requests use it.
 Letters: L layers, H model dim (page width), r rank, I input width of a target (of A), O output
 width (of B), C pages per row (C_A = ceil(I / H), C_B = ceil(O / H)), F ffn_dim.
 Simplified: adapters are PEFT directories (lora.read_adapter) or random (the benchmarks'); a file

@@ -1,21 +1,15 @@
 """The baselines of S-LoRA's evaluation (Sheng et al. 2023, arXiv 2311.03285, section 7.1).
 
-Each is engine.Engine with only what differs overridden, so that the comparison measures the one
-idea the baseline lacks:
-    no-unified  NoUnifiedEngine: no unified paging (section 4.1). The memory is split statically
-                between KV cache and adapters, so one side sits idle while the other is full
-                (smaller batches), and an adapter is copied into fresh tensors each time it returns.
-    bmm         BmmEngine: no custom kernels (section 5). Every step copies its adapters into
-                tensors padded to the largest rank and runs torch.bmm: a copy per step and
-                arithmetic on padding.
-    merged      MergedEngine: PEFT-style, one adapter merged into the weights at a time (section
-                7.1's "PEFT"): requests of other adapters wait for their turn, batches are small,
-                and the weights are rewritten at every switch.
-Simplified: on a CPU the no-unified LoRA arithmetic is slora's CPU path; only the memory policy
-differs there.
+Each is engine.Engine with one part replaced, so the comparison measures the one idea it lacks:
+    no-unified  no unified paging (sec. 4.1): memory split statically between KV and adapters, so
+                one side idles while the other is full; an adapter is copied anew when it returns.
+    bmm         no custom kernels (sec. 5): each step pads its adapters to the largest rank and
+                runs torch.bmm: a copy per step and arithmetic on padding.
+    merged      PEFT-style: one adapter merged into the weights at a time; the others' requests
+                wait for their turn, batches are small, the weights are rewritten at each switch.
+Simplified: on a CPU no-unified computes LoRA as slora's CPU path does; only memory differs.
 Demo: `python serve.py --adapters 20 --duration 3 --layers 4 --modes slora,no-unified,bmm,merged`.
-Letters: L layers, H model dim, I and O input and output width of a target, S adapter slots of a
-step, Rm their largest rank.
+Letters: L layers, I and O input and output width of a target, S adapter slots, Rm largest rank.
 """
 from typing import Callable, Dict, List, NamedTuple, Optional
 
@@ -37,9 +31,8 @@ class OwnCopy(NamedTuple):
 
 
 class OwnCopyMemory(PoolMemory):
-    """A KV pool of pool_pages - adapter_reserve pages beside adapter_reserve pages of adapter
-    memory; each adapter copied into freshly allocated tensors when a batch needs it and freed
-    when no running request uses it."""
+    """pool_pages - adapter_reserve KV pages beside adapter_reserve pages for adapters, each copied
+    into tensors of its own when a batch needs it and freed when no running request uses it."""
 
     def __init__(self, model: Llama, cfg):
         self.copies: Dict[str, OwnCopy] = {}
@@ -68,19 +61,19 @@ class OwnCopyMemory(PoolMemory):
 
 
 class OwnCopyRunner(ModelRunner):
-    """A pair of matrix products per run of tokens of one adapter (kernels.lora_runs), reading
-    the adapters' own copies."""
+    """Two matrix products per run of one adapter's tokens (kernels.lora_runs), on own copies."""
 
     def __init__(self, model: Llama, pool, copies: Dict[str, OwnCopy]):
         super().__init__(model, pool)
         self.copies = copies
 
     def lora(self, slots: AdapterSlots) -> Optional[Callable]:
-        bounds = kernels.segment_starts(slots.lengths).tolist()
-        spans: Dict[str, List[int]] = {}        # adapter -> [t0, t1]: its requests are neighbours
+        bounds = kernels.segment_starts(slots.lengths).tolist()   # row i: tokens bounds[i]:bounds[i+1]
+        spans: Dict[str, tuple] = {}   # adapter -> (t0, t1); the batch keeps its requests together
         for row, slot in enumerate(slots.row_slots.tolist()):
             if slot:
-                spans.setdefault(slots.names[slot - 1], [bounds[row], 0])[1] = bounds[row + 1]
+                name = slots.names[slot - 1]
+                spans[name] = (spans.get(name, (bounds[row],))[0], bounds[row + 1])
 
         def lora(x, layer, target):
             copies = [(t0, t1, self.copies[n]) for n, (t0, t1) in spans.items()]
@@ -91,10 +84,7 @@ class OwnCopyRunner(ModelRunner):
 
 
 class NoUnifiedEngine(Engine):
-    """Baseline without unified paging: memory split statically (OwnCopyMemory), adapters in
-    tensors of their own (OwnCopyRunner). Slower than slora because the fixed split leaves either
-    KV or adapter memory idle (smaller batches) and adapters are copied again each time they
-    return; on a CPU its LoRA arithmetic is slora's CPU path."""
+    """No unified paging: memory split statically (OwnCopyMemory), own copies (OwnCopyRunner)."""
 
     def _make_memory(self) -> PoolMemory:
         return OwnCopyMemory(self.model, self.cfg)
@@ -104,8 +94,7 @@ class NoUnifiedEngine(Engine):
 
 
 class BmmRunner(ModelRunner):
-    """Every step copies the step's adapters into zero-padded tensors [S, Rm, I] and runs
-    torch.bmm per token."""
+    """Each step copies its adapters into zero-padded [S, Rm, I] tensors for torch.bmm."""
 
     def lora(self, slots: AdapterSlots) -> Optional[Callable]:
         tables = self.pool.kernel_tables(slots.names)
@@ -123,8 +112,7 @@ class BmmRunner(ModelRunner):
 
 
 class BmmEngine(Engine):
-    """Baseline with the unified pool but without the gathered kernels (BmmRunner). Slower than
-    slora because of the copy each step and the padding of every adapter to the largest rank."""
+    """The unified pool without the gathered kernels: a padded bmm each step (BmmRunner)."""
 
     def _make_runner(self) -> ModelRunner:
         return BmmRunner(self.model, self.pool)
@@ -136,14 +124,14 @@ class MergedMemory(PoolMemory):
     def pages_of(self, adapter: HostAdapter) -> int:
         return 0
 
-    def acquire(self, name: str):
-        """Merged into the weights: nothing to load."""
+    def acquire(self, name: str):   # merged into the weights: nothing to load or free
+        pass
 
     def release(self, name: str):
-        """Nothing was loaded."""
+        pass
 
     def prefetch(self, names: List[str]):
-        """Adapters are merged, not loaded into the pool."""
+        pass
 
 
 class MergedRunner(ModelRunner):
@@ -154,10 +142,8 @@ class MergedRunner(ModelRunner):
 
 
 class MergedEngine(Engine):
-    """The PEFT-style baseline: merge one adapter into the weights (W0 + (alpha/r) B A), batch
-    only its requests, restore the weights to switch. Slower than slora because requests of
-    other adapters wait for their turn: batches are small and the weights are rewritten at
-    every switch."""
+    """PEFT-style: one adapter merged into the weights (W0 + (alpha/r) B A), only its requests
+    batched; the weights are restored and the next adapter merged to switch."""
 
     def __init__(self, model: Llama, eos_id: Optional[int] = None, **options):
         self.waiting_turn: List[Request] = []     # requests of other adapters, not yet scheduled
@@ -190,8 +176,7 @@ class MergedEngine(Engine):
         return super()._schedule()
 
     def _switch(self):
-        """Restore the base weights; merge the adapter of the oldest waiting request and move
-        every waiting request of it to the scheduler."""
+        """Restore W0; merge the oldest waiting request's adapter and schedule all its requests."""
         layers = self.model.model.layers
         with torch.no_grad():
             for (i, t), w in self.base_weights.items():

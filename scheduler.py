@@ -4,9 +4,10 @@ Orca's idea: schedule at every model step, not per batch. At each step finished 
 and waiting ones join, so a short request never waits for a long one to end; the prompt tokens of
 the joining requests (prefill) and the new token of each running request (decode) share the step.
 S-LoRA adds adapter clustering (prefer requests whose adapter is already in GPU memory: fewer
-loads, fewer distinct adapters in the kernels) and admission control with early abort (a request
-that can no longer get its first token before its deadline is dropped rather than served late,
-which would only delay the others).
+loads, fewer distinct adapters in the kernels) and admission control with early abort. The rule
+here: a request still waiting when its first-token deadline (arrival + ttft_slo) has come is
+dropped, since the earliest first token ends a step that starts now; serving it late would only
+delay the others.
 
 Admission reserves the worst case: a request joins only if the pool can hold the KV pages of
 prompt + max_new_tokens tokens next to everything already reserved, plus its adapter's pages if
@@ -264,7 +265,9 @@ def simulate(cfg: SchedulerConfig, trace: List[Request], pages: int,
 if __name__ == "__main__":
     trace_cfg, sched_cfg = cli.parse([TraceConfig, SchedulerConfig], "Simulate both scheduling "
                                      "policies on a random trace (--policy is not used).")
-    adapters = {f"a{i}": 2 * 2 * 4 * (1 + i % 4) for i in range(trace_cfg.n_adapters)}  # 2 T r
+    # Pages of a rank-r adapter on T targets of one layer: an A row and a B^T row per rank.
+    targets = 2
+    adapters = {f"a{i}": 2 * targets * 4 * (1 + i % 4) for i in range(trace_cfg.n_adapters)}  # ranks 4-16
     for policy in ("fcfs", "cluster"):
         sched_cfg.policy = policy
         stats = simulate(sched_cfg, random_trace(trace_cfg), trace_cfg.pages, adapters)
