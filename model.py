@@ -346,8 +346,9 @@ class SamplingParams:
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
             return f"top_k must be a positive integer, got {self.top_k!r}"
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            return f"seed must be an integer, got {self.seed!r}"
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2 ** 63 <= self.seed < 2 ** 64):   # torch's seed range
+            return f"seed must be an integer in [-2**63, 2**64), got {self.seed!r:.40}"
         return None
 
 

@@ -60,6 +60,9 @@ class RequestRecord:
         return self.tokens[self.request.prompt_len:]
 
 
+CONTEXT_LENGTH = "This model's maximum context length"   # OpenAI's context_length_exceeded
+
+
 def validate_request(prompt, max_new_tokens: int, params, stop_ids, vocab_size: int,
                      max_seq_len: int):
     """Raise RequestRejected naming the first problem of a request against the model's limits
@@ -78,7 +81,7 @@ def validate_request(prompt, max_new_tokens: int, params, stop_ids, vocab_size: 
     if not is_whole(max_new_tokens, 1):
         raise RequestRejected(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r:.40}")
     if len(prompt) + max_new_tokens > max_seq_len:   # OpenAI's wording of the same refusal
-        raise RequestRejected(f"This model's maximum context length is {max_seq_len} tokens. "
+        raise RequestRejected(f"{CONTEXT_LENGTH} is {max_seq_len} tokens. "
                               f"However, you requested {len(prompt) + max_new_tokens} tokens "
                               f"({len(prompt)} in the prompt, {max_new_tokens} in the "
                               "completion). Please reduce the prompt or max_tokens.")

@@ -31,6 +31,7 @@ import http.client
 import json
 import math
 import os
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -434,9 +435,13 @@ def report_http(runs: List[Dict[str, dict]]):
 
 # ------------------------------------------------------------------ the HTTP server
 
-def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig):
-    """Load the base model and the adapters, serve them over HTTP until Ctrl-C, then stop
-    cleanly: running requests get a few seconds to finish, the others end with the reason."""
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig, net: server.NetworkConfig):
+    """Load the base model and the adapters, serve them over HTTP until Ctrl-C or SIGTERM, then
+    stop cleanly: running requests get a few seconds to finish, the others end with the reason."""
     torch.set_num_threads(b.threads)
     try:
         device, _ = placement(b.device, b.dtype)
@@ -450,11 +455,14 @@ def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig):
     try:
         for name, adapter_path in (kv.split("=", 1) for kv in b.adapter):
             engine.add_adapter(name, adapter_path)
-        httpd = server.start_server(engine, tok, base_id, s.host, s.port)
+        httpd = server.start_server(engine, tok, base_id, s.host, s.port, net)
     except (AdapterError, OSError, ValueError) as err:
         raise SystemExit(f"serve.py: {err}")
     print(f"serving at http://{s.host}:{httpd.server_address[1]}/v1 (Ctrl-C stops): base model "
           f"{base_id!r}, adapters {engine.adapter_names()}", flush=True)
+    if net.key() is None and s.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: {s.host} is reachable from the network and no --api-key is set", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM stops as Ctrl-C does
     try:
         while True:
             time.sleep(3600)
@@ -465,13 +473,13 @@ def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig):
 
 if __name__ == "__main__":
     try:
-        trace_cfg, bench_cfg, engine_cfg, server_cfg = cli.parse(
-            [TraceConfig, BenchConfig, EngineConfig, ServerConfig],
+        trace_cfg, bench_cfg, engine_cfg, server_cfg, net_cfg = cli.parse(
+            [TraceConfig, BenchConfig, EngineConfig, ServerConfig, server.NetworkConfig],
             "Serve LoRA adapters over HTTP (--port), or replay an S-LoRA trace over serving modes.")
     except ValueError as e:   # a config that checks itself (EngineConfig) refused a flag
         raise SystemExit(f"serve.py: {e}")
     if server_cfg.port is not None:
-        serve_http(server_cfg, bench_cfg, engine_cfg)
+        serve_http(server_cfg, bench_cfg, engine_cfg, net_cfg)
     elif server_cfg.http:
         http_benchmark(bench_cfg, trace_cfg, engine_cfg)
     elif bench_cfg.vs_peft:

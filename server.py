@@ -2,8 +2,8 @@
 
 S-LoRA (Sheng et al. 2023) serves many adapters from one batch; here the batch is filled by
 concurrent HTTP clients. The request's `model` names the adapter (or the base model), as in vLLM,
-LoRAX and SGLang. One engine thread runs steps (engine.py: schedule -> batch -> forward ->
-sample); HTTP threads only submit, read their request's new tokens and cancel, under one lock.
+LoRAX and SGLang. One engine thread steps the engine, HTTP threads submit and read
+(engine_loop.EngineLoop).
 
     POST /v1/completions         prompt (text or token ids) -> text; stream: Server-Sent Events
     POST /v1/chat/completions    messages rendered with ChatML (SmolLM2's template)
@@ -11,24 +11,30 @@ sample); HTTP threads only submit, read their request's new tokens and cancel, u
     POST /v1/unload_lora_adapter {"lora_name"}: deferred while requests use it (they finish)
     GET  /v1/models, /health, /metrics (Prometheus text)
 
-Streaming sends one chunk per decoded piece of text, never half a UTF-8 character: the generated
-ids are decoded whole each step and only text that ends in a complete character is sent, so the
-pieces concatenate to the non-streamed text. Stop strings are found in the text; the request is
-then cancelled and its pages return to the pool. Errors are OpenAI's JSON
-{"error": {"message", "type", "code"}}: 400 for bad fields, 404 for an unknown model.
+Streaming sends one chunk per decoded piece of text, never half a UTF-8 character: each step
+decodes only the ids not yet turned into text, and holds them back until they end in a whole
+character, so the pieces concatenate to the non-streamed text at a cost linear in its length.
+Stop strings are found in the text; the request is then cancelled and its pages return to the
+pool. Errors are OpenAI's JSON {"error": {"message", "type", "code"}}.
+On a network (NetworkConfig): an API key for /v1/* (compared in constant time), adapters loaded
+over HTTP only from the operator's directories, a cap on the body, deadlines on reading a
+request, a bound on connections served at once (the next one gets 503 without a thread), and
+limits on waiting requests, registered adapters and an adapter's rank and size.
 Simplified: n = 1; no logprobs, echo, best_of, penalties or logit bias (refused by name).
 Demo: `python serve.py --port 8000`, then
 `curl localhost:8000/v1/completions -d '{"model": "SmolLM2-135M-Instruct", "prompt": "Hello"}'`.
 """
+import hmac
 import json
+import socket
+import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import List, Optional
 
-from lora import AdapterError
+from engine_loop import ApiError, Completion, EngineLoop, NetworkConfig
 from model import SamplingParams
 
 # Request fields that are accepted only at the value that changes nothing here.
@@ -37,178 +43,6 @@ NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs"
 SAMPLING = {"temperature", "top_p", "top_k", "seed", "stop", "max_tokens", "stream", "user",
             "stream_options", "max_completion_tokens"}
 CHATML = "<|im_start|>{role}\n{content}<|im_end|>\n"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
-@dataclass
-class Completion:
-    """One request as the HTTP side sees it; filled by the engine thread."""
-    rid: int
-    stop: List[str]
-    prompt_tokens: int
-    ids: List[int] = field(default_factory=list)       # generated token ids
-    text: str = ""                                      # text of ids, whole characters only
-    sent: int = 0                                       # characters already streamed
-    finish: Optional[str] = None                        # "stop", "length", or an error
-    error: Optional[str] = None
-    updated: threading.Event = field(default_factory=threading.Event)   # new text or the end
-    done: threading.Event = field(default_factory=threading.Event)      # the end
-
-    def streamable(self) -> str:
-        """Text that is safe to send: while running, the last characters that could begin a stop
-        string are held back (the stop string itself is never sent)."""
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        return self.text if self.finish is not None or not hold else self.text[:len(self.text) - hold]
-
-
-class EngineLoop:
-    """The engine behind a lock: one thread steps it, HTTP threads submit, read and cancel."""
-
-    def __init__(self, engine, tokenizer, base_id: str):
-        self.engine, self.tok, self.base_id = engine, tokenizer, base_id
-        self.lock = threading.Condition()
-        self.live: dict = {}                 # request id -> Completion
-        self.running, self.accepting = False, True
-        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
-
-    def start(self):
-        self.running = True
-        self.thread.start()
-
-    def shutdown(self, grace_s: float = 10.0):
-        """Stop accepting; let running requests finish for grace_s, then cancel the rest."""
-        with self.lock:
-            self.accepting = False
-        deadline = time.monotonic() + grace_s
-        while self.live and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with self.lock:
-            for c in list(self.live.values()):
-                self._end(c, "cancelled", "the server is shutting down")
-            self.running = False
-            self.lock.notify_all()
-        self.thread.join(timeout=5)
-
-    def submit(self, prompt: List[int], adapter: Optional[str], max_tokens: int,
-               sampling: SamplingParams, stop: List[str], stop_ids=()) -> Completion:
-        with self.lock:
-            if not self.accepting:
-                raise ApiError(503, "the server is shutting down", "unavailable")
-            rid = self.engine.submit(prompt, adapter, max_tokens, sampling=sampling, stop_ids=stop_ids)
-            reason = self.engine.records.failure(rid)
-            if reason is not None:
-                self.engine.forget(rid)
-                raise ApiError(400, reason)
-            c = self.live[rid] = Completion(rid, stop, len(prompt))
-            self.lock.notify_all()
-            return c
-
-    def cancel(self, c: Completion):
-        with self.lock:
-            if c.rid in self.live:
-                self._end(c, "cancelled", "the client disconnected")
-
-    def adapter_of(self, model) -> Optional[str]:
-        """The request's `model`: the base model's id (None: no adapter) or an adapter's name."""
-        if model == self.base_id:
-            return None
-        with self.lock:
-            if not isinstance(model, str) or not self.engine.has_adapter(model):
-                raise ApiError(404, f"model {model!r} does not exist (see /v1/models)", "model_not_found")
-        return model
-
-    def encode(self, prompt, chat: bool) -> tuple:
-        """(token ids, ids that end the request): text is encoded, a list of ids passes as is."""
-        stop_ids = {self.tok.eos_id} | ({self.tok.special["<|im_end|>"]} if chat else set())
-        if isinstance(prompt, str) and prompt:
-            return self.tok.encode(prompt, allow_special=chat), stop_ids
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                      for t in prompt):
-            return prompt, stop_ids
-        raise ApiError(400, "prompt must be a non-empty string or a non-empty list of token ids")
-
-    def load_adapter(self, name, path):
-        if not isinstance(name, str) or not name or name == self.base_id or not isinstance(path, str):
-            raise ApiError(400, "lora_name (not the base model's id) and lora_path must be strings")
-        with self.lock:
-            try:
-                self.engine.add_adapter(name, path)
-            except (AdapterError, OSError) as e:
-                raise ApiError(400, str(e), "invalid_adapter") from None
-
-    def unload_adapter(self, name) -> str:
-        """Unregister now; pages in use are freed only when the last request using them ends."""
-        with self.lock:
-            if not isinstance(name, str) or not self.engine.has_adapter(name):
-                raise ApiError(404, f"adapter {name!r} is not loaded", "model_not_found")
-            users = self.engine.remove_adapter(name)
-        return (f"deferred: {users} running requests finish with it, its pages are freed after "
-                "the last" if users else "unloaded, its pages freed")
-
-    def models(self) -> dict:
-        with self.lock:
-            names = self.engine.adapter_names()
-        card = lambda i, parent: {"id": i, "object": "model", "owned_by": "local",   # noqa: E731
-                                  **({"parent": parent} if parent else {})}
-        return {"object": "list", "data": [card(self.base_id, None)] + [card(n, self.base_id) for n in names]}
-
-    def metrics(self) -> str:
-        with self.lock:
-            values = self.engine.metrics()
-        lines = []
-        for name, (help, value) in values.items():
-            lines += [f"# HELP slora_{name} {help}", f"# TYPE slora_{name} gauge", f"slora_{name} {value}"]
-        return "\n".join(lines) + "\n"
-
-    def _run(self):
-        while True:
-            with self.lock:
-                if not self.running:
-                    return
-                try:
-                    ran = self.engine.step()
-                except Exception as e:   # the engine failed the step's requests; report and go on
-                    ran = True
-                    print(f"engine step failed: {type(e).__name__}: {e}", flush=True)
-                self._publish()
-                if not ran and not self.engine.pending():
-                    self.lock.wait(timeout=0.05)
-            time.sleep(0)   # between steps, HTTP threads waiting for the lock get it
-
-    def _publish(self):
-        """New tokens -> whole characters of text; finished or failed requests end."""
-        for c in list(self.live.values()):
-            ids, state, reason = self.engine.records.progress(c.rid)
-            c.ids = ids
-            text = self.tok.decode([t for t in ids if t not in self.engine.records.stop_ids(c.rid)])
-            if text.endswith("\ufffd") and state == "running":
-                text = c.text                          # never half a UTF-8 character
-            hit = [text.find(s) for s in c.stop if s in text]
-            text = text[:min(hit)] if hit else text    # cut before the HTTP thread can see it
-            if text != c.text:
-                c.text = text
-                c.updated.set()
-            if hit:
-                self.engine.cancel(c.rid)
-                self._end(c, "stop")
-            elif state == "finished":
-                self._end(c, "stop" if ids and ids[-1] in self.engine.records.stop_ids(c.rid) else "length")
-            elif state in ("failed", "aborted", "cancelled"):
-                self._end(c, state, reason)
-
-    def _end(self, c: Completion, finish: str, error: Optional[str] = None):
-        if finish == "cancelled":
-            self.engine.cancel(c.rid)
-        c.finish, c.error = finish, error
-        del self.live[c.rid]
-        self.engine.forget(c.rid)
-        c.updated.set()
-        c.done.set()
 
 
 # ---------------------------------------------------------------------- requests -> engine calls
@@ -225,6 +59,9 @@ def _check_fields(body: dict, allowed: set):
 
 
 def _sampling(body: dict) -> SamplingParams:
+    t = body.get("temperature")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and not 0 <= t <= 2:
+        raise ApiError(400, f"temperature={t!r} must be between 0 and 2 (OpenAI's range)")
     params = SamplingParams(body.get("temperature", 1.0), body.get("top_p", 1.0), body.get("top_k"),
                             body.get("seed"))
     reason = params.check()
@@ -283,21 +120,65 @@ class Handler(BaseHTTPRequestHandler):
                   "/v1/load_lora_adapter": self._load, "/v1/unload_lora_adapter": self._unload}
         self._route(routes)
 
+    def handle_one_request(self):
+        """Read the request line and headers within --header-timeout (a slow client is cut off)."""
+        self.server.deadlines.arm(self.connection, self.server.net.header_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.deadlines.disarm(self.connection)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.deadlines.disarm(self.connection)   # the headers are in
+        return ok
+
     def _route(self, routes):
         try:
+            self._authorize()
             if self.path not in routes:
                 raise ApiError(404, f"no route {self.command} {self.path}", "not_found")
             routes[self.path]()
         except ApiError as e:
             self._json(e.status, {"error": {"message": e.message, "type": "invalid_request_error"
                                             if e.status < 500 else "server_error", "code": e.code}})
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            print(f"client {self.client_address[0]} went away during {self.command} {self.path}",
+                  flush=True)
+
+    def _authorize(self):
+        """With an API key, every route but /health (and /metrics if opened) needs it."""
+        key, given = self.server.net.key(), self.headers.get("Authorization", "")
+        if key is None or self.path == "/health" or self.path == "/metrics" and self.server.net.open_metrics:
+            return
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "Incorrect API key provided" if given else "You didn't provide an "
+                           "API key: send the header 'Authorization: Bearer KEY'", "invalid_api_key")
 
     def _body(self) -> dict:
+        """The JSON body: Content-Length bytes, at most --max-body, within --body-timeout."""
+        net, length = self.server.net, self.headers.get("Content-Length")
+        self.close_connection = True            # until the body is read whole
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise ApiError(411, "chunked request bodies are not read: send Content-Length", "length_required")
+        if length is None:
+            raise ApiError(411, "the request needs a Content-Length header", "length_required")
+        if not (length.isascii() and length.isdigit()):
+            raise ApiError(400, f"Content-Length {length[:20]!r} is not a non-negative integer")
+        if int(length) > net.max_body:
+            raise ApiError(413, f"the body is {length} bytes, over the limit of {net.max_body} "
+                                "(--max-body)", "request_too_large")
+        n = int(length)
+        self.server.deadlines.arm(self.connection, net.body_timeout)
         try:
-            n = int(self.headers.get("Content-Length", 0))
-            return json.loads(self.rfile.read(n) or b"null")
+            raw = self.rfile.read(n)
+        finally:
+            self.server.deadlines.disarm(self.connection)
+        if len(raw) < n:
+            raise ApiError(400, f"the body ended after {len(raw)} of its {n} bytes")
+        self.close_connection = False
+        try:
+            return json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"malformed JSON: {e}") from None
 
@@ -377,8 +258,9 @@ class Handler(BaseHTTPRequestHandler):
                              "usage": _usage(c)})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.server.loop.cancel(c)     # the client left: its pages go back to the pool
+            print(f"client {self.client_address[0]} went away mid-stream: request cancelled", flush=True)
         self.close_connection = True
 
     def _event(self, obj):
@@ -391,19 +273,87 @@ def _usage(c: Completion) -> dict:
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": n, "total_tokens": c.prompt_tokens + n}
 
 
+class Deadlines:
+    """Connections that must finish reading by a time; one thread shuts down the late ones (the
+    blocked read then ends and the handler's thread is free)."""
+
+    def __init__(self):
+        self.due, self.lock = {}, threading.Lock()
+
+    def arm(self, conn, seconds: float):
+        with self.lock:
+            self.due[conn] = time.monotonic() + seconds
+
+    def disarm(self, conn):
+        with self.lock:
+            self.due.pop(conn, None)
+
+    def watch(self, period: float = 0.1):
+        while True:
+            time.sleep(period)
+            with self.lock:
+                late = [c for c, t in self.due.items() if t < time.monotonic()]
+                for c in late:
+                    del self.due[c]
+            for c in late:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+_BUSY = json.dumps({"error": {"message": "too many connections (--max-connections); retry later",
+                               "type": "server_error", "code": "unavailable"}}).encode()
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY), _BUSY))
+
+
 class Server(ThreadingHTTPServer):
-    """One thread per connection; a listen backlog for many clients arriving at once (the
-    standard library's default of 5 resets the connections beyond it)."""
+    """One thread per connection, at most net.max_connections at once (the next one is answered
+    503 and closed without a thread); a listen backlog for many clients arriving at once."""
     daemon_threads = True
     request_queue_size = 256
 
+    def __init__(self, address, net: NetworkConfig):
+        super().__init__(address, Handler)
+        self.net, self.deadlines = net, Deadlines()
+        self.active, self.count_lock = 0, threading.Lock()
 
-def start_server(engine, tokenizer, base_id: str, host: str = "127.0.0.1", port: int = 8000):
+    def process_request(self, request, client_address):
+        with self.count_lock:
+            full = self.active >= self.net.max_connections
+            self.active += not full
+        if full:
+            try:
+                request.sendall(BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.count_lock:
+                self.active -= 1
+
+    def handle_error(self, request, client_address):
+        """One line per failed connection instead of the standard library's traceback."""
+        err = sys.exc_info()[1]
+        print(f"client {client_address[0]}: {type(err).__name__}: {err}", flush=True)
+
+
+def start_server(engine, tokenizer, base_id: str, host: str = "127.0.0.1", port: int = 8000,
+                 net: Optional[NetworkConfig] = None):
     """Start the engine thread and the HTTP server (in a thread); returns the server. Stop it with
     stop_server."""
-    httpd = Server((host, port), Handler)
-    httpd.loop = EngineLoop(engine, tokenizer, base_id)
+    net = net or NetworkConfig()
+    httpd = Server((host, port), net)
+    httpd.loop = EngineLoop(engine, tokenizer, base_id, net)
     httpd.loop.start()
+    threading.Thread(target=httpd.deadlines.watch, name="deadlines", daemon=True).start()
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     return httpd
 

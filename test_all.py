@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -18,6 +19,10 @@ import re  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import zipfile  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -2726,6 +2731,7 @@ import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
+import engine_loop  # noqa: E402
 import server  # noqa: E402
 
 HTTP_RANKS = {"r1": 1, "r2": 2, "r3": 3, "r4": 4, "r5": 5, "r6": 6, "r7": 7, "r8": 8}
@@ -2754,19 +2760,30 @@ def alone(engine, prompt, name, n):
     return text, "stop" if ids[-1] == EOS else "length", len(ids)
 
 
+@contextlib.contextmanager
+def serving(http_adapters, **net):
+    """A running server on an ephemeral port of 127.0.0.1 with NetworkConfig(**net): (url, server)."""
+    base, root = http_adapters
+    httpd = server.start_server(new_engine(base, root), ByteTokenizer(), "tiny", port=0,
+                                net=server.NetworkConfig(**net))
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+    finally:
+        server.stop_server(httpd, grace_s=2.0)
+
+
 @pytest.fixture
 def http(http_adapters):
-    """A running server on an ephemeral port of 127.0.0.1: (base url, server)."""
-    base, root = http_adapters
-    httpd = server.start_server(new_engine(base, root), ByteTokenizer(), "tiny", port=0)
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
-    server.stop_server(httpd, grace_s=2.0)
+    """A server that may load adapters from the test adapters' directory: (base url, server)."""
+    with serving(http_adapters, adapter_dir=[str(http_adapters[1])]) as running:
+        yield running
 
 
-def call(url, path, body=None):
+def call(url, path, body=None, headers=None):
     """(status, parsed JSON or text) of one HTTP request through urllib."""
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url + path, data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             raw, status, kind = r.read().decode(), r.status, r.headers.get("Content-Type", "")
@@ -2871,7 +2888,7 @@ def test_chat_prompt_is_chatml_and_ends_at_im_end(http_adapters):
     ids = tok.encode(rendered, allow_special=True)
     greedy = engine.generate([ids], ["r4"], 3)[0]
     end = tok.special["<|im_end|>"]
-    loop = server.EngineLoop(engine, tok, "tiny")           # no thread: stepped here
+    loop = engine_loop.EngineLoop(engine, tok, "tiny")           # no thread: stepped here
     prompt, stop_ids = loop.encode(rendered, chat=True)
     assert prompt == ids and stop_ids == {EOS, end}
     rid = engine.submit(ids, "r4", 3, stop_ids=[greedy[1]])   # as if token 2 were <|im_end|>
@@ -2904,6 +2921,8 @@ HTTP_BAD_REQUESTS = [   # (path, body, status, words in the message)
     ("/v1/completions", {"model": "tiny", "prompt": [1, 999]}, 400, "999"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 600}, 400, "maximum context length is"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "temperature": 1e308}, 400, "between 0 and 2"),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "temperature": 2.5}, 400, "between 0 and 2"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2.5}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "stop": [""]}, 400, "stop"),
@@ -2928,7 +2947,8 @@ def test_bad_requests_get_openai_errors(http, path, body, status, words):
 def test_load_use_replace_unload_adapter(http, http_adapters, tmp_path):
     url, httpd = http
     base, root = http_adapters
-    status, err = call(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": str(tmp_path)})
+    (root / "empty").mkdir(exist_ok=True)
+    status, err = call(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": str(root / "empty")})
     assert status == 400 and "adapter" in err["error"]["message"]          # an empty directory
     assert call(url, "/v1/completions", {"model": "new", "prompt": "a"})[0] == 404
     assert call(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": str(root / "r6")})[0] == 200
@@ -2966,7 +2986,7 @@ def wait_until(check, seconds=30):
     return check()
 
 
-def test_client_disconnect_mid_stream_cancels_and_returns_the_pages(http):
+def test_client_disconnect_mid_stream_cancels_and_returns_the_pages(http, capsys):
     url, httpd = http
     body = json.dumps({"model": "r8", "prompt": "abc", "max_tokens": 450, "stream": True}).encode()
     s = socket.create_connection(httpd.server_address)
@@ -2977,6 +2997,8 @@ def test_client_disconnect_mid_stream_cancels_and_returns_the_pages(http):
         got += s.recv(4096)                  # streaming has begun
     s.close()
     assert wait_until(lambda: scrape(url)["requests_aborted"] == 1)
+    out = capsys.readouterr()
+    assert "went away" in out.out and "Traceback" not in out.out + out.err   # one line, no traceback
     m = scrape(url)
     assert m["pages_kv"] == 0 and m["requests_running"] == m["requests_finished"] == 0 and not httpd.loop.live
     assert m["tokens_generated"] < 450
@@ -3015,6 +3037,221 @@ def test_repeated_benchmark_reports_median_and_range_of_each_ratio(capsys):
     runs = [{"slora": {"req/s": s}, "base": {"req/s": b}} for s, b in ((2.0, 4.0), (3.0, 3.0), (1.0, 4.0))]
     serve.report_repeats(runs)
     assert "slora / base throughput over 3 runs: median 0.50x, range 0.25-1.00x" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the server on a network (server.py)
+
+def raw(address, data: bytes = b"", wait: float = 10.0) -> bytes:
+    """Send bytes on a new socket; everything the server answers until it closes (or `wait` s)."""
+    s = socket.create_connection(address, timeout=wait)
+    got = b""
+    try:
+        s.sendall(data)
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+    except (socket.timeout, ConnectionResetError):
+        return got
+    finally:
+        s.close()
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+
+
+def test_api_key_guards_every_route_but_health(http_adapters, monkeypatch):
+    good = {"model": "r2", "prompt": "hi", "max_tokens": 4, "temperature": 0}
+    key = {"Authorization": "Bearer s3cret"}
+    with serving(http_adapters, api_key="s3cret") as (url, _):
+        assert call(url, "/health")[0] == 200
+        for path, body in (("/v1/models", None), ("/v1/completions", good), ("/metrics", None),
+                           ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "r1"}), ("/v1/x", None)):
+            status, err = call(url, path, body)
+            assert status == 401 and err["error"]["code"] == "invalid_api_key", (path, err)
+        status, err = call(url, "/v1/models", headers={"Authorization": "Bearer s3cre"})
+        assert status == 401 and "Incorrect API key" in err["error"]["message"]
+        status, got = call(url, "/v1/completions", good, headers=key)
+        want = alone(new_engine(http_adapters[0], http_adapters[1], ["r2"]), list(b"hi"), "r2", 4)[0]
+        assert status == 200 and got["choices"][0]["text"] == want
+        assert call(url, "/metrics", headers=key)[0] == 200
+    with serving(http_adapters, api_key="s3cret", open_metrics=True) as (url, _):
+        assert call(url, "/metrics")[0] == 200 and call(url, "/v1/models")[0] == 401
+    monkeypatch.setenv("SLORA_API_KEY", "from-env")
+    with serving(http_adapters) as (url, _):
+        assert call(url, "/v1/models")[0] == 401
+        assert call(url, "/v1/models", headers={"Authorization": "Bearer from-env"})[0] == 200
+
+
+def test_loading_over_http_is_off_by_default_and_confined_to_the_adapter_dirs(http_adapters, tmp_path):
+    base, root = http_adapters
+    with serving(http_adapters) as (url, _):
+        status, err = call(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(root / "r1")})
+        assert status == 403 and "--adapter-dir" in err["error"]["message"]
+    outside, allowed = tmp_path / "outside", tmp_path / "allowed"
+    shutil.copytree(root / "r3", outside)
+    shutil.copytree(root / "r3", allowed / "mine")
+    (allowed / "link").symlink_to(outside)
+    with serving(http_adapters, adapter_dir=[str(allowed)]) as (url, _):
+        def load(path):
+            return call(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
+        refused = [load(p) for p in (str(outside), str(tmp_path / "missing"), "../outside", "link",
+                                     "mine/../../outside", "/etc")]
+        assert all(status == 403 for status, _ in refused), refused
+        assert len({json.dumps(err) for _, err in refused}) == 1   # the same whether or not it exists
+        assert "'x'" in refused[0][1]["error"]["message"] and "outside" in refused[0][1]["error"]["message"]
+        assert load("mine")[0] == 200                              # relative: inside the first one
+        body = {"model": "x", "prompt": "hi", "max_tokens": 4, "temperature": 0}
+        want = alone(new_engine(base, root, ["r3"]), list(b"hi"), "r3", 4)[0]
+        assert call(url, "/v1/completions", body)[1]["choices"][0]["text"] == want
+
+
+def test_operator_limits_on_adapters_rank_size_and_waiting(http_adapters):
+    base, root = http_adapters
+    with serving(http_adapters, adapter_dir=[str(root)], max_rank=4, max_adapters=9) as (url, _):
+        def load(name, path):
+            return call(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        status, err = load("big", "r8")
+        assert status == 400 and "rank 8 is over --max-rank 4" in err["error"]["message"]
+        assert load("four", "r4")[0] == 200                    # the ninth adapter
+        status, err = load("five", "r4")
+        assert status == 400 and err["error"]["code"] == "too_many_adapters"
+        assert load("four", "r3")[0] == 200                    # replacing one is not one more
+    with serving(http_adapters, adapter_dir=[str(root)], max_adapter_mb=1e-4, max_waiting=0) as (url, _):
+        status, err = call(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "r1"})
+        assert status == 413 and "--max-adapter-mb" in err["error"]["message"]
+        status, err = call(url, "/v1/completions", {"model": "tiny", "prompt": "a"})
+        assert status == 429 and err["error"]["code"] == "too_many_requests"
+
+
+def test_a_prompt_beyond_the_context_gets_openais_code_before_taking_a_page(http):
+    url, _ = http
+    status, err = call(url, "/v1/completions", {"model": "r1", "prompt": "a" * 500, "max_tokens": 100})
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+    assert err["error"]["message"].startswith("This model's maximum context length is 512 tokens. "
+                                              "However, you requested 600 tokens (500 in the prompt")
+    m = scrape(url)
+    assert m["pages_kv"] == 0 and m["requests_running"] == 0
+
+
+@pytest.mark.parametrize("head,status,words", [
+    ("", 411, "Content-Length"),
+    ("Content-Length: abc\r\n", 400, "not a non-negative integer"),
+    ("Content-Length: -5\r\n", 400, "not a non-negative integer"),
+    ("Content-Length: 999999999999\r\n", 413, "--max-body"),
+    ("Transfer-Encoding: chunked\r\n", 411, "chunked"),
+])
+def test_the_body_length_is_checked_before_the_body_is_read(http, head, status, words):
+    url, httpd = http
+    reply = raw(httpd.server_address, f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+    assert status_of(reply) == status and words in reply.decode(), reply
+    assert call(url, "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 2})[0] == 200
+
+
+def test_slow_and_short_clients_are_cut_off_and_free_their_threads(http_adapters):
+    with serving(http_adapters, header_timeout=0.5, body_timeout=0.5) as (url, httpd):
+        slow = [socket.create_connection(httpd.server_address) for _ in range(20)]
+        for s in slow:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")        # headers never end
+        short = socket.create_connection(httpd.server_address)
+        short.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                      + b"{" * 10)                                              # 10 of 100 bytes
+        assert wait_until(lambda: httpd.active == 21)
+        assert call(url, "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 2})[0] == 200
+        assert wait_until(lambda: httpd.active == 0, seconds=10)             # every one cut off
+        for s in slow + [short]:
+            s.settimeout(5)
+            try:
+                assert s.recv(65536) == b"" or s.recv(65536) == b""           # closed by the server
+            except ConnectionResetError:
+                pass
+            s.close()
+
+
+def test_connections_beyond_the_bound_get_503_at_once(http_adapters):
+    with serving(http_adapters, max_connections=3, header_timeout=60) as (url, httpd):
+        idle = [socket.create_connection(httpd.server_address) for _ in range(3)]
+        assert wait_until(lambda: httpd.active == 3)
+        reply = raw(httpd.server_address)
+        assert status_of(reply) == 503 and b"--max-connections" in reply
+        for s in idle:
+            s.close()
+        assert wait_until(lambda: httpd.active == 0)
+        assert call(url, "/health")[0] == 200
+
+
+def test_incremental_text_never_splits_a_character_and_concatenates_to_the_whole():
+    tok, text = ByteTokenizer(), "a\u20acb\U0001f600c\u00e9"
+    c = engine_loop.Completion(0, [], 0)
+    pieces = []
+    for n in range(1, len(text.encode()) + 1):
+        c.ids = tok.encode(text)[:n] + ([EOS] if n == len(text.encode()) else [])
+        before = c.text
+        engine_loop.extend_text(c, tok, {EOS}, running=True)
+        assert "\ufffd" not in c.text and c.text.startswith(before)
+        pieces.append(c.text[len(before):])
+    assert "".join(pieces) == c.text == text and c.decoded == len(c.ids)
+
+
+def random_bad_body(rng) -> bytes:
+    """A completion request with one or two fields made wrong, or bytes that are not JSON."""
+    if rng.random() < 0.1:
+        return rng.choice([b"", b"{", b"\xff\xfe", b"[]", b"null", b'{"prompt": NaN}', b"1e999"])
+    body = {"model": "r1", "prompt": "fuzz", "max_tokens": 6, "temperature": 0}
+    values = [None, -1, 0, 1e308, float("inf"), "x", "", [], {}, [1, "a"], True, 10 ** 30, [-5],
+              [10 ** 9], {"role": "robot"}, 2.5, "r9"]
+    for _ in range(rng.randint(1, 2)):
+        body[rng.choice(["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                         "stop", "n", "logprobs", "messages", "frobnicate"])] = rng.choice(values)
+    return json.dumps(body).encode()
+
+
+def test_fuzz_malformed_requests_among_good_ones_harm_none(http, http_adapters):
+    url, httpd = http
+    rng = random.Random(22)
+    want = {name: alone(new_engine(*http_adapters, [name]), list(b"fuzz"), name, 6)[0]
+            for name in ("r1", "r5")}
+    jobs = [("good", name) for name in ("r1", "r5") for _ in range(20)]
+    jobs += [("bad", random_bad_body(rng)) for _ in range(260)]
+    rng.shuffle(jobs)
+
+    def send(job):
+        kind, what = job
+        if kind == "good":
+            return kind, what, call(url, "/v1/completions", {"model": what, "prompt": "fuzz",
+                                                             "max_tokens": 6, "temperature": 0})
+        return kind, what, call(url, "/v1/completions", what)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, jobs))
+    for kind, what, (status, got) in results:
+        if kind == "good":
+            assert status == 200 and got["choices"][0]["text"] == want[what]
+        elif status != 200:        # a mutation may leave a valid request; a bad one is a 4xx
+            assert status in (400, 404) and set(got["error"]) == {"message", "type", "code"}, (what, got)
+    m = scrape(url)
+    assert m["pages_kv"] == 0 and m["requests_running"] == 0 and not httpd.loop.live
+
+
+def test_sigterm_stops_the_server_as_ctrl_c_does():
+    path = os.environ.get("LORA_MODEL_PATH")
+    if not path:
+        pytest.skip("needs the real model: set LORA_MODEL_PATH")
+    p = subprocess.Popen([sys.executable, "serve.py", "--port", "0", "--base", path],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        line = p.stdout.readline()
+        while line and "serving at" not in line:
+            line = p.stdout.readline()
+        url = re.search(r"http://[\d.]+:\d+", line).group(0)
+        assert call(url, "/health")[0] == 200
+        p.send_signal(signal.SIGTERM)
+        out = p.communicate(timeout=60)[0]
+    finally:
+        p.kill()
+    assert p.returncode == 0 and "shutting down" in out, out
 
 
 # ------------------------------------------------------------------ devices, dtypes, presets, GPU check
