@@ -136,8 +136,7 @@ class Engine:
         self.pool = self.memory.pool
         self.registry = AdapterRegistry(self.pool, self.memory.pages_of, self.memory.store,
                                         self.cfg.host_adapters)
-        sched_cfg = SchedulerConfig(self.cfg.policy, self.cfg.max_prefill_tokens,
-                                    ttft_slo=self.cfg.ttft_slo)
+        sched_cfg = SchedulerConfig(self.cfg.policy, self.cfg.max_prefill_tokens, ttft_slo=self.cfg.ttft_slo)
         pages_for = partial(kv_pages, tokens_per_page=self.pool.g)   # n tokens -> KV pages
         self.scheduler = Scheduler(sched_cfg, self.memory.kv_budget, pages_for,
                                    self.registry.pages, self.memory.adapter_budget)

@@ -97,6 +97,8 @@ class ServerConfig:
     host: str = cli.flag("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     http: bool = cli.flag(False, "benchmark: replay the trace through the HTTP server as well "
                                  "(streaming clients on 127.0.0.1), beside slora in process")
+    long: int = cli.flag(0, "with --http: instead, one greedy completion of this many tokens in "
+                            "process and streamed: time per token, first 100 against last 100")
 
 
 # ------------------------------------------------------------------ traces and synthetic adapters
@@ -400,6 +402,46 @@ def over_http(model: Llama, b: BenchConfig, t: TraceConfig, e: EngineConfig):
     return latency_row(timed, engine), [None if x is None else x[3] for x in timed]
 
 
+def token_times(port: int, body: dict) -> List[float]:
+    """When each token of one streamed completion arrived (s since the request was sent)."""
+    conn, t0, times = http.client.HTTPConnection("127.0.0.1", port, timeout=600), time.perf_counter(), []
+    try:
+        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                     {"Content-Type": "application/json"})
+        for line in conn.getresponse():
+            if line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                times += [time.perf_counter() - t0] * len(event["choices"][0]["text"].split())
+    finally:
+        conn.close()
+    return times
+
+
+def long_completion(b: BenchConfig, e: EngineConfig, n: int) -> Dict[str, Tuple[float, float]]:
+    """One greedy n-token completion, alone: seconds per token over tokens 2-101 and over the
+    last 100, in process (the engine's steps) and streamed through server.py. The engine's own
+    ratio includes attention over a longer cache; what the server adds is the difference."""
+    torch.set_num_threads(b.threads)
+    model, prompt = _base_model(b), list(range(8))
+    engine = Engine(model, None, **asdict(e))
+    engine.generate([prompt], [None], n)
+    steps = [st.seconds for st in engine.stats]                 # one token per step
+    rows = {"in process": (sum(steps[1:101]) / 100, sum(steps[-100:]) / 100)}
+    httpd = server.start_server(Engine(model, None, **asdict(e)),
+                                TokenIdText(model.config.vocab_size), "base", port=0)
+    try:
+        at = token_times(httpd.server_address[1], {"model": "base", "prompt": prompt,
+                                                   "max_tokens": n, "temperature": 0})
+    finally:
+        server.stop_server(httpd, grace_s=1.0)
+    assert len(at) == n, f"the stream carried {len(at)} of {n} tokens"
+    rows["http"] = ((at[100] - at[0]) / 100, (at[-1] - at[-101]) / 100)
+    for mode, (first, last) in rows.items():
+        print(f"{mode:10s} {n} tokens: first 100 {1000 * first:.1f} ms/token, last 100 "
+              f"{1000 * last:.1f} ms/token, last / first {last / first:.3f}", flush=True)
+    return rows
+
+
 def http_benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> List[Dict[str, dict]]:
     """slora in process, then over HTTP, --repeat times in one process; the median ratio of their
     throughputs is the cost of the HTTP front end (goal: HTTP >= 0.9x in process)."""
@@ -480,6 +522,9 @@ if __name__ == "__main__":
         raise SystemExit(f"serve.py: {e}")
     if server_cfg.port is not None:
         serve_http(server_cfg, bench_cfg, engine_cfg, net_cfg)
+    elif server_cfg.http and server_cfg.long:
+        for _ in range(bench_cfg.repeat):
+            long_completion(bench_cfg, engine_cfg, server_cfg.long)
     elif server_cfg.http:
         http_benchmark(bench_cfg, trace_cfg, engine_cfg)
     elif bench_cfg.vs_peft:

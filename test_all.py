@@ -3020,6 +3020,13 @@ def test_shutdown_with_requests_in_flight_ends_each_with_a_reason(http_adapters)
     assert httpd.loop.engine.pool.stats().kv == 0 and not httpd.loop.thread.is_alive()
 
 
+def test_long_completion_benchmark_streams_every_token_and_reports_both_ratios(capsys):
+    rows = serve.long_completion(serve.BenchConfig(layers=1), E.EngineConfig(pool_pages=400), 150)
+    assert set(rows) == {"in process", "http"} and all(f > 0 and l > 0 for f, l in rows.values())
+    out = capsys.readouterr().out
+    assert out.count("150 tokens: first 100") == 2 and "last / first" in out
+
+
 def test_http_benchmark_streams_every_trace_request_with_the_in_process_tokens(capsys):
     model = tiny_llama(seed=3)
     t = serve.TraceConfig(adapters=6, rate=100.0, duration=0.2, input_len="2,6", output_len="2,5", ranks="1,2,4")
