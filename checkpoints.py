@@ -24,7 +24,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -153,19 +153,48 @@ def read_gguf(path):
     return cfg, state, tok
 
 
-# config.json: the families read here, and the keys that do not change the computation (names,
-# token ids, training-only or cache settings). Any other key is refused by name, never ignored.
+# config.json: the families read here, and the keys that do not change the computation. A key
+# known to change it and not implemented is refused by name; a key this loader does not know is
+# refused as unknown, unless the caller names it in ignore_keys.
 HF_FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                "Qwen2ForCausalLM": "qwen2"}
-HF_INERT = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
-            "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
-            "_name_or_path", "is_llama_config", "transformers.js_config", "pretraining_tp",
-            "tokenizer_class", "output_attentions", "output_hidden_states", "return_dict"}
+# The attributes of transformers' PretrainedConfig (4.57.1's to_dict(), and 5.25.0's dataclass
+# fields and docstring) that leave a causal LM's logits unchanged: names, label maps, token ids,
+# output flags, dtype hints, feed-forward chunking (the same sums), and generation defaults
+# (they steer transformers' generate, not the forward pass; decoding here has its own flags).
+HF_GENERIC = {
+    "_name_or_path", "_model_name_or_path", "architectures", "model_type", "transformers_version",
+    "dtype", "torch_dtype", "use_bfloat16", "output_attentions", "output_hidden_states",
+    "return_dict", "torchscript", "tf_legacy_loss", "chunk_size_feed_forward",
+    "tie_last_hidden_states", "id2label", "label2id", "num_labels", "problem_type",
+    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix", "bos_token_id",
+    "eos_token_id", "pad_token_id", "sep_token_id", "unk_token_id", "decoder_start_token_id",
+    "tie_encoder_decoder", "cross_attention_hidden_size", "max_length", "min_length", "do_sample",
+    "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
+    "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens"}
+# Keys of other families' configs known to change the forward pass, none implemented here (MoE,
+# QK norms, soft-capping, Granite's multipliers, per-layer attention patterns): refused by name.
+HF_CHANGES = {"num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+              "norm_topk_prob", "use_qk_norm", "qk_layernorm", "attn_logit_softcapping",
+              "final_logit_softcapping", "query_pre_attn_scalar", "hidden_activation",
+              "attention_chunk_size", "sliding_window_pattern", "no_rope_layers",
+              "embedding_multiplier", "residual_multiplier", "attention_multiplier",
+              "logits_scaling"}
+# Keys of the families' own configs that change nothing here (training-only or cache settings).
+HF_INERT = HF_GENERIC | {"initializer_range", "use_cache", "is_llama_config",
+                         "transformers.js_config", "pretraining_tp"}
 HF_READ = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
            "vocab_size", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
            "rope_parameters", "max_position_embeddings", "tie_word_embeddings", "head_dim",
            "attention_bias", "mlp_bias", "hidden_act", "attention_dropout", "rope_interleaved",
-           "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"}
+           "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+           "is_encoder_decoder", "is_decoder", "add_cross_attention", "pruned_heads",
+           "per_layer_config", "partial_rotary_factor"}
 
 
 def _hf_rope(c: dict, where: str) -> tuple:
@@ -187,17 +216,37 @@ def _hf_rope(c: dict, where: str) -> tuple:
     raise CheckpointError(f"{where}: rope_type {kind!r} is not supported (default, linear, llama3)")
 
 
-def _hf_check(c: dict, family: str, where: str):
-    """Refuse what would be computed differently here, naming the key."""
-    unknown = sorted(set(c) - HF_INERT - HF_READ)
+def _hf_check(c: dict, family: str, where: str, ignore_keys=()):
+    """Refuse what would be computed differently here, naming the key; refuse a key not known
+    here as unknown unless the caller chose to ignore it (with a warning)."""
+    changes = sorted(set(c) & HF_CHANGES)
+    if changes:
+        raise CheckpointError(f"{where}: {', '.join(changes)}: not implemented here (it would change "
+                              "the computation), so the checkpoint is refused rather than loaded "
+                              "differently")
+    unknown = sorted(set(c) - HF_INERT - HF_READ - HF_CHANGES - set(ignore_keys))
+    if unknown:
+        raise CheckpointError(f"{where}: {', '.join(unknown)}: unknown to this loader, which cannot "
+                              "tell whether it changes the computation, so the checkpoint is "
+                              "refused; if it does not, load with ignore_keys / --ignore-config-key "
+                              f"{unknown[0]}")
+    ignored = sorted(set(c) & set(ignore_keys) - HF_INERT - HF_READ)
+    if ignored:
+        print(f"warning: {where}: ignoring {', '.join(ignored)} as asked (--ignore-config-key)",
+              file=sys.stderr)
     wrong = {"hidden_act": c.get("hidden_act", "silu") != "silu",
+             "is_encoder_decoder": bool(c.get("is_encoder_decoder", False)),
+             "add_cross_attention": bool(c.get("add_cross_attention", False)),
+             "pruned_heads": bool(c.get("pruned_heads")),
+             "per_layer_config": bool(c.get("per_layer_config")),
+             "partial_rotary_factor": c.get("partial_rotary_factor", 1.0) != 1.0,
              "attention_dropout": c.get("attention_dropout", 0.0) != 0.0,
              "rope_interleaved": bool(c.get("rope_interleaved", False)),
              "use_sliding_window": bool(c.get("use_sliding_window", False)),
              "layer_types": any(t != "full_attention" for t in c.get("layer_types") or []),
              "mlp_bias": family == "qwen2" and bool(c.get("mlp_bias"))}
-    if unknown or any(wrong.values()):
-        names = unknown + [f"{k}={c[k]!r}" for k, bad in wrong.items() if bad]
+    if any(wrong.values()):
+        names = [f"{k}={c[k]!r}" for k, bad in wrong.items() if bad]
         raise CheckpointError(f"{where}: {', '.join(names)}: not implemented here (it would change "
                               "the computation), so the checkpoint is refused rather than loaded "
                               "differently")
@@ -207,7 +256,7 @@ def _hf_check(c: dict, family: str, where: str):
                               f"({context}); sliding-window attention is not implemented")
 
 
-def config_from_hf(c: dict, where: str, name: Optional[str] = None) -> ModelConfig:
+def config_from_hf(c: dict, where: str, name: Optional[str] = None, ignore_keys=()) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (Llama, Mistral, Qwen2; transformers 4 or 5)."""
     if not isinstance(c, dict):
         raise CheckpointError(f"{where}: expected a JSON object")
@@ -216,7 +265,7 @@ def config_from_hf(c: dict, where: str, name: Optional[str] = None) -> ModelConf
         raise CheckpointError(f"{where}: architecture {arch!r} is not supported "
                               f"({', '.join(HF_FAMILIES)})")
     family = HF_FAMILIES[arch]
-    _hf_check(c, family, where)
+    _hf_check(c, family, where, ignore_keys)
     theta, scaling = _hf_rope(c, where)
     bias = bool(c.get("attention_bias", False))
     return ModelConfig(
@@ -230,13 +279,13 @@ def config_from_hf(c: dict, where: str, name: Optional[str] = None) -> ModelConf
         name=name)
 
 
-def read_hf_dir(path):
+def read_hf_dir(path, ignore_keys=()):
     """(ModelConfig, state dict in the files' dtype, Tokenizer) from a Hugging Face directory
     (safetensors only: nothing is unpickled)."""
     with open(os.path.join(path, "config.json")) as f:
         c = json.load(f)
     name = os.path.basename(os.path.abspath(path))
-    cfg = config_from_hf(c, os.path.join(path, "config.json"), name)
+    cfg = config_from_hf(c, os.path.join(path, "config.json"), name, ignore_keys)
     index = os.path.join(path, "model.safetensors.index.json")
     files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index)
              else ["model.safetensors"])
@@ -304,15 +353,16 @@ def save_hf(model: Llama, path, tokenizer: Optional[Tokenizer] = None):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path: Optional[str] = None, dtype: Optional[str] = None):
+def load_model(path: Optional[str] = None, dtype: Optional[str] = None, ignore_keys=()):
     """(Llama in eval mode, Tokenizer) from a GGUF file or a Hugging Face directory, in the file's
     dtype (GGUF: float32) or in `dtype` (float32, bfloat16, float16). None loads the project's real
-    model, SmolLM2-135M-Instruct (fetched and cached on first use)."""
+    model, SmolLM2-135M-Instruct (fetched and cached on first use). ignore_keys: config.json keys
+    unknown to this loader that the caller knows leave the computation unchanged."""
     path = path or default_model_path()
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if os.path.isdir(path):
-        cfg, state, tok = read_hf_dir(path)
+        cfg, state, tok = read_hf_dir(path, ignore_keys)
     elif path.endswith(".gguf") and os.path.isfile(path):
         cfg, state, tok = read_gguf(path)
     else:
@@ -356,6 +406,8 @@ class MergeConfig:
     base: Optional[str] = cli.flag(None, "GGUF file or Hugging Face directory (default: SmolLM2)", str)
     adapter: str = cli.flag("", "PEFT adapter directory to merge into the base weights")
     out: str = cli.flag("", "output Hugging Face directory (loadable here and by transformers)")
+    ignore_config_key: List[str] = cli.flag([], "a config.json key unknown to the loader that you "
+                                                "know leaves the computation unchanged (repeatable)")
 
 
 def merge_and_export(cfg: MergeConfig):
@@ -363,7 +415,7 @@ def merge_and_export(cfg: MergeConfig):
     PEFT users do with merge_and_unload): no adapter, no extra latency (LoRA section 4.1)."""
     if not cfg.adapter or not cfg.out:
         raise SystemExit("merge: --adapter DIR and --out DIR are required")
-    model, tok = load_model(cfg.base)
+    model, tok = load_model(cfg.base, ignore_keys=cfg.ignore_config_key)
     load_adapter(model, cfg.adapter)
     merge_lora(model)
     for name, layer in lora_layers(model).items():      # the merged nn.Linear takes its place

@@ -76,6 +76,8 @@ class BenchConfig:
     base: Optional[str] = cli.flag(None, "GGUF file or HF directory (default: random weights of "
                                          "SmolLM2's shape; with --port the real SmolLM2)", str)
     layers: int = cli.flag(30, "layers of the random base model")
+    ignore_config_key: List[str] = cli.flag([], "a config.json key unknown to the loader that you "
+                                                "know leaves the computation unchanged (repeatable; warns)")
     threads: int = cli.flag(1, "torch CPU threads (1 is steadiest; with --tp: cores / tp each)")
     adapter: List[str] = cli.flag([], "name=path of a PEFT adapter to serve (repeatable)")
     tp: int = cli.flag(1, "tensor parallelism over this many processes (S-LoRA section 6, tp.py): "
@@ -232,7 +234,7 @@ def _base_model(b: BenchConfig) -> Llama:
     """The base model in --dtype, on the CPU (the caller moves it to its device)."""
     torch.manual_seed(0)   # every device of --tp builds the same model, then keeps its part
     if b.base:
-        return load_model(b.base, b.dtype)[0]
+        return load_model(b.base, b.dtype, b.ignore_config_key)[0]
     return Llama(ModelConfig(n_layers=b.layers)).to(getattr(torch, b.dtype)).eval()
 
 
@@ -490,7 +492,7 @@ def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig, net: server.Net
     except ValueError as err:
         raise SystemExit(f"serve.py: {err}")
     path = b.base or default_model_path()
-    model, tok = load_model(path, b.dtype)
+    model, tok = load_model(path, b.dtype, b.ignore_config_key)
     model.to(device)
     base_id = os.path.basename(os.path.normpath(path)).split(".")[0]  # SmolLM2-135M-Instruct
     engine = Engine(model, tok.eos_id, **asdict(e))
@@ -500,7 +502,7 @@ def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig, net: server.Net
         httpd = server.start_server(engine, tok, base_id, s.host, s.port, net)
     except (AdapterError, OSError, ValueError) as err:
         raise SystemExit(f"serve.py: {err}")
-    print(f"serving at http://{s.host}:{httpd.server_address[1]}/v1 (Ctrl-C stops): base model "
+    print(f"serving at http://{s.host}:{httpd.server_address[1]}/v1 (Ctrl-C or SIGTERM stops): base model "
           f"{base_id!r}, adapters {engine.adapter_names()}", flush=True)
     if net.key() is None and s.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: {s.host} is reachable from the network and no --api-key is set", flush=True)

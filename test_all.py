@@ -582,6 +582,43 @@ def test_unsupported_checkpoint_is_refused_by_name(tmp_path, case):
         C.load_model(str(tmp_path))
 
 
+# What transformers 5.25 writes converting a GGUF (from_pretrained(gguf_file=...), save_pretrained),
+# and PretrainedConfig's generic keys as hub configs carry them: none changes the logits.
+GENERIC_KEYS = {"_model_name_or_path": "x.gguf", "unk_token_id": None, "id2label": {"0": "LABEL_0"},
+                "label2id": {"LABEL_0": 0}, "problem_type": None, "torchscript": False,
+                "task_specific_params": None, "finetuning_task": None, "sep_token_id": None,
+                "decoder_start_token_id": None, "is_encoder_decoder": False,
+                "chunk_size_feed_forward": 0, "max_length": 20, "num_beams": 1, "pruned_heads": {},
+                "tie_encoder_decoder": False, "use_bfloat16": False}
+
+
+def logits_of(path, **kw):
+    model, _ = C.load_model(str(path), **kw)
+    with torch.no_grad():
+        return model(torch.arange(20)[None])[0]
+
+
+def test_generic_config_keys_load_and_change_no_logit(tmp_path):
+    hf_checkpoint(tmp_path / "plain")
+    hf_checkpoint(tmp_path / "generic", extra=GENERIC_KEYS)
+    assert torch.equal(logits_of(tmp_path / "plain"), logits_of(tmp_path / "generic"))
+
+
+def test_unknown_config_key_is_named_as_unknown_and_can_be_ignored_explicitly(tmp_path, capsys):
+    hf_checkpoint(tmp_path / "plain")
+    hf_checkpoint(tmp_path / "odd", extra={"foo_bar": 3})
+    with pytest.raises(C.CheckpointError, match="foo_bar: unknown to this loader.*--ignore-config-key foo_bar"):
+        C.load_model(str(tmp_path / "odd"))
+    got = logits_of(tmp_path / "odd", ignore_keys=("foo_bar",))
+    assert torch.equal(got, logits_of(tmp_path / "plain"))
+    assert "ignoring foo_bar" in capsys.readouterr().err
+    for extra, key in (({"hidden_act": "gelu"}, "hidden_act"), ({"num_experts": 8}, "num_experts"),
+                       ({"is_encoder_decoder": True}, "is_encoder_decoder")):
+        hf_checkpoint(tmp_path / key, extra=extra)            # known to change it: ignoring is no way out
+        with pytest.raises(C.CheckpointError, match=f"{key}.*would change the computation"):
+            C.load_model(str(tmp_path / key), ignore_keys=(key,))
+
+
 def test_save_hf_round_trips_every_config_field(tmp_path):
     for i, kw in enumerate([{"rope": LLAMA3_ROPE}, {"family": "qwen2"}, {"head_dim": 16, "bias": True}]):
         hf_checkpoint(tmp_path / f"in{i}", **kw)
@@ -860,7 +897,7 @@ GOOD_CSV = "mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS)
 @pytest.fixture
 def no_model(monkeypatch):
     """train.load_model fails the test: what it guards must be refused before any model work."""
-    def load_model(path):
+    def load_model(path, ignore_keys=()):
         raise AssertionError("the model was loaded before the bad input was noticed")
     monkeypatch.setattr(train, "load_model", load_model)
 
@@ -890,7 +927,7 @@ def test_command_line_refuses_a_bad_flag_with_exit_code_2(capsys):
 
 def test_max_new_tokens_beyond_the_context_is_refused_before_scoring(tmp_path, monkeypatch):
     base, tok, _ = tiny_setup()                                     # context: 512 tokens
-    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (base, tok))
     data = e2e_folder(tmp_path, devset=GOOD_CSV, testset_w_refs=GOOD_CSV)
     cfg = train.TrainConfig(e2e_dir=str(data), out=str(tmp_path / "out"), max_new_tokens=500)
     with pytest.raises(train.UsageError, match="--max-new-tokens 500"):
@@ -926,7 +963,7 @@ def test_batches_of_no_examples_fail_instead_of_spinning():
 
 def test_a_run_failing_in_evaluation_still_writes_results_and_adapter(tmp_path, monkeypatch):
     base, tok, _ = tiny_setup()
-    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (base, tok))
     def broken_scorer(hyps, refs):
         raise RuntimeError("scorer broke")
     monkeypatch.setattr(train, "e2e_metrics", broken_scorer)
@@ -987,7 +1024,7 @@ def jsonl(path, pairs):
 
 def test_own_data_run_reports_validation_loss_and_saves_the_adapter(tmp_path, monkeypatch):
     base, tok, _ = tiny_setup()
-    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (base, tok))
     data = jsonl(tmp_path / "my.jsonl", PAIRS * 2)
     cfg = train.TrainConfig(data=str(data), out=str(tmp_path / "out"), steps=6, batch_size=2, lr=3e-2,
                             warmup=1, val_fraction=0.2, eval_every=2, log_every=100)
@@ -1004,7 +1041,7 @@ def test_own_data_run_reports_validation_loss_and_saves_the_adapter(tmp_path, mo
 
 def test_resumed_run_has_the_same_losses_as_an_uninterrupted_one(tmp_path, monkeypatch):
     base, tok, _ = tiny_setup()
-    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (base, tok))
     data = jsonl(tmp_path / "my.jsonl", PAIRS * 3)
     common = dict(data=str(data), steps=6, batch_size=2, grad_accum=2, lr=1e-2, warmup=2, dropout=0.1,
                   val_fraction=0.2, eval_every=2, save_every=3, log_every=100)
@@ -1092,7 +1129,7 @@ def test_main_sweep_writes_results_for_every_cell(tmp_path, monkeypatch):
     rows = "mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS)
     (data / "devset.csv").write_text(rows)
     (data / "testset_w_refs.csv").write_text(rows)
-    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (base, tok))
     cfg = train.TrainConfig(e2e_dir=str(data), out=str(tmp_path / "out"), sweep=True, steps=1, batch_size=2,
                             eval_limit=2, baseline_limit=1, max_new_tokens=4)
     lines = []
@@ -1122,7 +1159,7 @@ def test_main_scores_a_saved_adapter_like_the_run_that_made_it(tmp_path, monkeyp
     data.mkdir()
     (data / "testset_w_refs.csv").write_text("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS))
     (data / "trainset.csv").write_text("mr,ref\n" + "".join(f'"{mr}","{ref}"\n' for mr, ref in PAIRS))
-    monkeypatch.setattr(train, "load_model", lambda path: (base, tok))
+    monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (base, tok))
     common = dict(e2e_dir=str(data), steps=3, batch_size=2, lr=3e-2, max_new_tokens=6, no_baseline=True)
     trained = train.main(train.TrainConfig(out=str(tmp_path / "a"), **common), log=lambda s: None)
     loaded = train.main(train.TrainConfig(out=str(tmp_path / "b"), adapter=str(tmp_path / "a" / "adapter"), **common),

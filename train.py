@@ -30,7 +30,7 @@ import os
 import resource
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -56,6 +56,8 @@ class TrainConfig(LoopConfig, DecodeConfig):
                                   "~/.cache/e2e-nlg, where they are downloaded when missing)", str)
     base: Optional[str] = flag(None, "base model: .gguf file or Hugging Face folder (default "
                                "$LORA_MODEL_PATH, else SmolLM2-135M-Instruct)", str)
+    ignore_config_key: List[str] = flag([], "a config.json key unknown to the loader that you know "
+                                            "leaves the computation unchanged (repeatable; warns)")
     out: str = flag("runs/e2e", "output folder: adapter, predictions, results.json")
     seq_len: int = flag(128, "longest example in tokens (longer targets are cut)")
     val_fraction: float = flag(0.0, "hold out this fraction of the training examples for a "
@@ -295,7 +297,7 @@ def run_e2e(cfg: TrainConfig, results: dict, log=print):
     """The E2E experiment: base model, then each run (or the --adapter) trained and scored;
     results.json rewritten after each run."""
     rows, split, groups = load_splits(cfg, log)
-    base, tok = load_model(cfg.base)
+    base, tok = load_model(cfg.base, ignore_keys=cfg.ignore_config_key)
     base.to(cfg.device)
     check_fits(base, [tok.encode(f"{mr}\n") for mr, _ in groups], cfg)
     adapted = copy.deepcopy(base) if cfg.adapter else None
@@ -327,7 +329,7 @@ def run_data(cfg: TrainConfig, results: dict, log=print):
     """Your data: every record checked before the model loads; train with the validation split,
     save the adapter (PEFT) in --out/adapter."""
     records = read_records(cfg.data)
-    base, tok = load_model(cfg.base)
+    base, tok = load_model(cfg.base, ignore_keys=cfg.ignore_config_key)
     base.to(cfg.device)
     check_fits(base, [], cfg)
     examples, val = split_validation(encode_records(tok, records, cfg.data, cfg.seq_len),
