@@ -82,6 +82,7 @@ class EngineLoop:
         self.lock = threading.Condition()
         self.live: dict = {}                 # request id -> Completion
         self.running, self.accepting = False, True
+        self.idle_wait_s = 1.0              # an idle engine thread's nap; submit notifies it
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self):
@@ -229,7 +230,7 @@ class EngineLoop:
                     print(f"engine step failed: {type(e).__name__}: {e}", flush=True)
                 self._publish()
                 if not ran and not self.engine.pending():
-                    self.lock.wait(timeout=0.05)
+                    self.lock.wait(timeout=self.idle_wait_s)   # submit wakes it at once
             time.sleep(0)   # between steps, HTTP threads waiting for the lock get it
 
     def _publish(self):

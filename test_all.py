@@ -1171,7 +1171,7 @@ def test_main_scores_a_saved_adapter_like_the_run_that_made_it(tmp_path, monkeyp
     assert again["BLEU"] == pytest.approx(run["BLEU"])
 
 
-# ------------------------------------------------------------------------------ kernels (kernels.py)
+# ------------------------------------------------------------------------------ kernels (kernels.py, attention.py)
 # Triton in its interpreter vs references vs dense math
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1661,7 +1661,7 @@ def make_pool(n_pages, adapters=()):
     return pool
 
 
-# ------------------------------------------------------------------------------ paging
+# ------------------------------------------------------------------------------ paging (adapters.py, paging.py)
 
 def test_allocator_invariants_under_random_operations():
     rng, alloc, held = random.Random(0), PageAllocator(50), []   # held: (pages, owner) per allocation
@@ -1895,7 +1895,7 @@ def test_adapter_shape_problems_are_adapter_errors_naming_adapter_and_problem(ca
         HostAdapter.from_peft("x", LoRAConfig(r=2, targets=("q_proj", "v_proj")), tensors, L, dim)
 
 
-# ------------------------------------------------------------------------------ scheduler
+# ------------------------------------------------------------------------------ scheduler (scheduler.py)
 
 def kv_of(n_tokens):
     """KV pages of n tokens in the test pool: 2 ceil(n / G)."""
@@ -2032,7 +2032,7 @@ def test_1000_random_requests_run_to_completion_with_every_page_free():
     assert pool.stats().free == P
 
 
-# -------------------------------------------------------------- the engine (engine.py), the experiment (serve.py)
+# -------------------------------------------------------------- the engine (records.py, runner.py, engine.py, baselines.py), serve.py
 
 ADAPTER_SPECS = {"a": (2, ("q_proj", "v_proj")), "b": (5, ("q_proj", "k_proj", "v_proj", "o_proj")),
                  "c": (1, ("o_proj",)), "d": (8, ("k_proj",))}
@@ -2761,7 +2761,7 @@ def test_shards_tile_the_weights_and_the_adapters():
         tp.shard_model(m, _NoComm(0, 2))
 
 
-# ------------------------------------------------------------------------------ HTTP server (server.py)
+# ------------------------------------------------------------------------------ HTTP server (engine_loop.py, server.py)
 
 import socket  # noqa: E402
 import urllib.error  # noqa: E402
@@ -3083,7 +3083,7 @@ def test_repeated_benchmark_reports_median_and_range_of_each_ratio(capsys):
     assert "slora / base throughput over 3 runs: median 0.50x, range 0.25-1.00x" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------ the server on a network (server.py)
+# ------------------------------------------------------------------ the server on a network (engine_loop.py, server.py)
 
 def raw(address, data: bytes = b"", wait: float = 10.0) -> bytes:
     """Send bytes on a new socket; everything the server answers until it closes (or `wait` s)."""
@@ -3212,6 +3212,15 @@ def test_slow_and_short_clients_are_cut_off_and_free_their_threads(http_adapters
             except ConnectionResetError:
                 pass
             s.close()
+
+
+def test_a_request_to_an_idle_server_wakes_the_engine_thread(http):
+    url, httpd = http
+    httpd.loop.idle_wait_s = 120.0
+    time.sleep(1.5)                        # the engine thread now naps for up to 120 s
+    start = time.monotonic()
+    assert call(url, "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 2})[0] == 200
+    assert time.monotonic() - start < 60   # woken by the submit, not by the end of its nap
 
 
 def test_connections_beyond_the_bound_get_503_at_once(http_adapters):
