@@ -2,9 +2,8 @@
 
 `python serve.py --port 8000` serves the base model and every `--adapter NAME=PATH` through the
 OpenAI-compatible API of server.py (the request's `model` names the adapter) until Ctrl-C.
-Without --port it replays one trace over the serving engines and prints the comparison;
-`--http` replays it instead through that server too (concurrent streaming clients on 127.0.0.1),
-beside slora in process, to price the HTTP front end.
+Without --port it replays one trace over the serving engines and prints the comparison
+(http_bench.py replays it through that server, to price the HTTP front end).
 
 The engines (engine.py, baselines.py) compared on the same trace:
     slora       unified pool + gathered kernels (MBGMM for steps with prompts, MBGMV for decode)
@@ -23,19 +22,15 @@ their files when loaded; the synthetic ones have no files and stay, views of one
 transformers + PEFT's mixed-adapter generate (vs_peft.py).
 Simplified: arrivals are replayed on the wall clock of one process; random base weights unless
 `--base` names a checkpoint (the server's default is the real SmolLM2).
-Demo: `python serve.py --adapters 20 --duration 3 --layers 4`; `python serve.py --port 8000`;
-`python serve.py --adapters 100 --http --duration 3`.
+Demo: `python serve.py --adapters 20 --duration 3 --layers 4`; `python serve.py --port 8000`.
 Letters: L layers, H model dim.
 """
-import http.client
-import json
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -97,10 +92,6 @@ class ServerConfig:
     port: Optional[int] = cli.flag(None, "serve the OpenAI-compatible HTTP API on this port "
                                          "(server.py) instead of running the benchmark", int)
     host: str = cli.flag("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
-    http: bool = cli.flag(False, "benchmark: replay the trace through the HTTP server as well "
-                                 "(streaming clients on 127.0.0.1), beside slora in process")
-    long: int = cli.flag(0, "with --http: instead, one greedy completion of this many tokens in "
-                            "process and streamed: time per token, first 100 against last 100")
 
 
 # ------------------------------------------------------------------ traces and synthetic adapters
@@ -230,7 +221,7 @@ def report(rows: Dict[str, dict], model: Llama):
 
 # ------------------------------------------------------------------ one device or several
 
-def _base_model(b: BenchConfig) -> Llama:
+def base_model(b: BenchConfig) -> Llama:
     """The base model in --dtype, on the CPU (the caller moves it to its device)."""
     torch.manual_seed(0)   # every device of --tp builds the same model, then keeps its part
     if b.base:
@@ -255,7 +246,7 @@ def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[Dict[
             raise SystemExit(f"tensor-parallel benchmark failed: {err}")
         return None
     torch.set_num_threads(b.threads)
-    model = _base_model(b).to(device)
+    model = base_model(b).to(device)
 
     def make_engine(mode):
         return ENGINES.get(mode, Engine)(model, None, **asdict(e))   # base: slora without adapters
@@ -285,7 +276,7 @@ def _benchmark_on_device(comm: tp.Comm, modes: List[str], b: BenchConfig, t: Tra
     def say(*args, **kw):
         if comm.rank == 0:
             print(*args, **kw)
-    model = _base_model(b).to(comm.device)
+    model = base_model(b).to(comm.device)
     shard = tp.shard_model(model, comm)
     say(f"{comm.world} devices ({comm.device.type}); only slora and base are sharded: other modes "
         f"are skipped")
@@ -300,181 +291,6 @@ def _benchmark_on_device(comm: tp.Comm, modes: List[str], b: BenchConfig, t: Tra
             f"(LoRA / base {lora / base:.3f})", flush=True)
     if comm.rank == 0:
         report(rows, model)
-
-
-# ------------------------------------------------------------------ the trace over HTTP
-
-class TokenIdText:
-    """The HTTP benchmark's tokenizer for a random base model (which has no vocabulary): id t is
-    the text " t", so a client reads the ids back from the streamed text. No id ends a request
-    (eos_id is past the vocabulary), as with the in-process replay's eos None."""
-    special: Dict[str, int] = {}
-
-    def __init__(self, vocab_size: int):
-        self.eos_id = vocab_size
-
-    def decode(self, ids) -> str:
-        return "".join(f" {t}" for t in ids)
-
-
-Timed = Tuple[float, float, float, List[int]]   # (arrival, first token, end) in s, token ids
-
-
-def stream_one(port: int, body: dict, t0: float) -> Optional[Timed]:
-    """One streamed /v1/completions request to 127.0.0.1:port (http.client, Server-Sent Events);
-    its times since t0, or None if it did not finish."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    try:
-        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                     {"Content-Type": "application/json"})
-        resp, first, ids = conn.getresponse(), None, []
-        for line in resp:
-            if line.startswith(b"data: [DONE]") or not line.startswith(b"data: "):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                return None
-            if event["choices"][0]["text"]:
-                first = time.perf_counter() - t0 if first is None else first
-                ids += [int(t) for t in event["choices"][0]["text"].split()]
-        return (0.0, first, time.perf_counter() - t0, ids) if resp.status == 200 and ids else None
-    finally:
-        conn.close()
-
-
-def replay_http(port: int, trace: List[dict], names: List[Optional[str]],
-                base_id: str) -> List[Optional[Timed]]:
-    """Each request of the trace from a client thread of its own, started at its arrival time
-    (wall clock), greedy, the prompt as token ids; as `replay` does in process."""
-    results: List[Optional[Timed]] = [None] * len(trace)
-
-    def client(i, r, name):
-        body = {"model": name or base_id, "prompt": r["prompt"], "max_tokens": r["max_new_tokens"],
-                "temperature": 0}
-        timed = stream_one(port, body, t0)
-        results[i] = None if timed is None else (r["arrival"], *timed[1:])
-    t0, threads = time.perf_counter(), []
-    for i, (r, name) in enumerate(zip(trace, names)):
-        time.sleep(max(0.0, r["arrival"] - (time.perf_counter() - t0)))
-        threads.append(threading.Thread(target=client, args=(i, r, name), daemon=True))
-        threads[-1].start()
-    for th in threads:
-        th.join()
-    return results
-
-
-def latency_row(timed: List[Optional[Timed]], engine: Engine) -> dict:
-    """req/s as `replay` counts it; first token (median, p90) and time per output token after the
-    first, (end - first) / (n - 1), median over requests; the engine's median decode step."""
-    done = [x for x in timed if x is not None]
-    decode = [st.seconds for st in engine.stats if st.decode]
-    span = max(end for _, _, end, _ in done) - min(a for a, _, _, _ in done)
-    ttft = [first - arrival for arrival, first, _, _ in done]
-    tpot = [(end - first) / (len(ids) - 1) for _, first, end, ids in done if len(ids) > 1]
-    return {"req/s": len(done) / span, "ttft_p50": float(np.median(ttft)),
-            "ttft_p90": float(np.percentile(ttft, 90)), "tpot_p50": float(np.median(tpot)),
-            "decode_step": float(np.median(decode)), "failed": len(timed) - len(done)}
-
-
-def in_process(model: Llama, b: BenchConfig, t: TraceConfig, e: EngineConfig):
-    """slora in process (replay_modes); (latency row, each request's tokens, or None)."""
-    def make_engine(mode):
-        return Engine(model, None, **asdict(e))
-    (_, engine, _), = replay_modes(model, ["slora"], b, t, make_engine, print)
-    reqs = [engine.records[i].request for i in sorted(engine.records)]   # in trace order
-    timed = [(r.arrival, r.first_token_at, r.finished_at, engine.records[r.id].output())
-             if r.state == State.FINISHED else None for r in reqs]
-    return latency_row(timed, engine), [None if x is None else x[3] for x in timed]
-
-
-def over_http(model: Llama, b: BenchConfig, t: TraceConfig, e: EngineConfig):
-    """The same trace and adapters (synthetic ones registered in the served engine, so reachable
-    by name) through server.py; (latency row, each request's streamed tokens, or None)."""
-    trace = make_trace(t, model.config.vocab_size)
-    engine = Engine(model, None, **asdict(e))
-    adapters = synthetic_adapters(t.adapters, [int(r) for r in t.ranks.split(",")], model.config,
-                                  t.seed)
-    names = register_adapters(engine, "slora", trace, adapters,
-                              dict(kv.split("=", 1) for kv in b.adapter))
-    httpd = server.start_server(engine, TokenIdText(model.config.vocab_size), "base", port=0)
-    try:
-        timed = replay_http(httpd.server_address[1], trace, names, "base")
-    finally:
-        server.stop_server(httpd, grace_s=1.0)
-    return latency_row(timed, engine), [None if x is None else x[3] for x in timed]
-
-
-def token_times(port: int, body: dict) -> List[float]:
-    """When each token of one streamed completion arrived (s since the request was sent)."""
-    conn, t0, times = http.client.HTTPConnection("127.0.0.1", port, timeout=600), time.perf_counter(), []
-    try:
-        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                     {"Content-Type": "application/json"})
-        for line in conn.getresponse():
-            if line.startswith(b"data: {"):
-                event = json.loads(line[6:])
-                times += [time.perf_counter() - t0] * len(event["choices"][0]["text"].split())
-    finally:
-        conn.close()
-    return times
-
-
-def long_completion(b: BenchConfig, e: EngineConfig, n: int) -> Dict[str, Tuple[float, float]]:
-    """One greedy n-token completion, alone: seconds per token over tokens 2-101 and over the
-    last 100, in process (the engine's steps) and streamed through server.py. The engine's own
-    ratio includes attention over a longer cache; what the server adds is the difference."""
-    torch.set_num_threads(b.threads)
-    model, prompt = _base_model(b), list(range(8))
-    engine = Engine(model, None, **asdict(e))
-    engine.generate([prompt], [None], n)
-    steps = [st.seconds for st in engine.stats]                 # one token per step
-    rows = {"in process": (sum(steps[1:101]) / 100, sum(steps[-100:]) / 100)}
-    httpd = server.start_server(Engine(model, None, **asdict(e)),
-                                TokenIdText(model.config.vocab_size), "base", port=0)
-    try:
-        at = token_times(httpd.server_address[1], {"model": "base", "prompt": prompt,
-                                                   "max_tokens": n, "temperature": 0})
-    finally:
-        server.stop_server(httpd, grace_s=1.0)
-    assert len(at) == n, f"the stream carried {len(at)} of {n} tokens"
-    rows["http"] = ((at[100] - at[0]) / 100, (at[-1] - at[-101]) / 100)
-    for mode, (first, last) in rows.items():
-        print(f"{mode:10s} {n} tokens: first 100 {1000 * first:.1f} ms/token, last 100 "
-              f"{1000 * last:.1f} ms/token, last / first {last / first:.3f}", flush=True)
-    return rows
-
-
-def http_benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> List[Dict[str, dict]]:
-    """slora in process, then over HTTP, --repeat times in one process; the median ratio of their
-    throughputs is the cost of the HTTP front end (goal: HTTP >= 0.9x in process)."""
-    if b.repeat < 1 or b.tp > 1:
-        raise SystemExit("--http runs on one device (no --tp) with --repeat >= 1")
-    torch.set_num_threads(b.threads)
-    model, runs = _base_model(b), []
-    for _ in range(b.repeat):
-        local, local_ids = in_process(model, b, t, e)
-        served, served_ids = over_http(model, b, t, e)
-        same = sum(x is not None and x == y for x, y in zip(local_ids, served_ids))
-        print("      http: " + "  ".join(f"{k} {v:.3g}" for k, v in served.items()) +
-              f"  (streamed tokens equal to in process: {same} of {len(local_ids)})", flush=True)
-        runs.append({"in process": local, "http": served})
-    report_http(runs)
-    return runs
-
-
-def report_http(runs: List[Dict[str, dict]]):
-    print("\n| run | mode | req/s | first token, median (s) | first token, p90 (s) "
-          "| per token, median (ms) | decode step, median (ms) |\n| --- | --- | --- | --- | --- "
-          "| --- | --- |")
-    for i, rows in enumerate(runs):
-        for mode, r in rows.items():
-            print(f"| {i + 1} | {mode} | {r['req/s']:.2f} | {r['ttft_p50']:.2f} "
-                  f"| {r['ttft_p90']:.2f} | {1000 * r['tpot_p50']:.0f} "
-                  f"| {1000 * r['decode_step']:.0f} |")
-    ratios = sorted(r["http"]["req/s"] / r["in process"]["req/s"] for r in runs)
-    print(f"http / in-process throughput over {len(runs)} runs: median "
-          f"{ratios[len(ratios) // 2]:.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x "
-          "(goal: at least 0.90x)")
 
 
 # ------------------------------------------------------------------ the HTTP server
@@ -524,11 +340,6 @@ if __name__ == "__main__":
         raise SystemExit(f"serve.py: {e}")
     if server_cfg.port is not None:
         serve_http(server_cfg, bench_cfg, engine_cfg, net_cfg)
-    elif server_cfg.http and server_cfg.long:
-        for _ in range(bench_cfg.repeat):
-            long_completion(bench_cfg, engine_cfg, server_cfg.long)
-    elif server_cfg.http:
-        http_benchmark(bench_cfg, trace_cfg, engine_cfg)
     elif bench_cfg.vs_peft:
         vs_peft.compare(bench_cfg.base, bench_cfg.threads, bench_cfg.repeat, engine_cfg)
     else:

@@ -41,6 +41,7 @@ import adapters  # noqa: E402
 import engine as E  # noqa: E402
 import baselines as B  # noqa: E402
 import serve  # noqa: E402
+import http_bench  # noqa: E402
 import tp  # noqa: E402
 import vs_peft  # noqa: E402
 import train  # noqa: E402
@@ -2032,7 +2033,7 @@ def test_1000_random_requests_run_to_completion_with_every_page_free():
     assert pool.stats().free == P
 
 
-# -------------------------------------------------------------- the engine (records.py, runner.py, engine.py, baselines.py), serve.py
+# ---------------------------------------- the engine (records.py, runner.py, engine.py, baselines.py), serve.py
 
 ADAPTER_SPECS = {"a": (2, ("q_proj", "v_proj")), "b": (5, ("q_proj", "k_proj", "v_proj", "o_proj")),
                  "c": (1, ("o_proj",)), "d": (8, ("k_proj",))}
@@ -3058,7 +3059,7 @@ def test_shutdown_with_requests_in_flight_ends_each_with_a_reason(http_adapters)
 
 
 def test_long_completion_benchmark_streams_every_token_and_reports_both_ratios(capsys):
-    rows = serve.long_completion(serve.BenchConfig(layers=1), E.EngineConfig(pool_pages=400), 150)
+    rows = http_bench.long_completion(serve.BenchConfig(layers=1), E.EngineConfig(pool_pages=400), 150)
     assert set(rows) == {"in process", "http"} and all(f > 0 and l > 0 for f, l in rows.values())
     out = capsys.readouterr().out
     assert out.count("150 tokens: first 100") == 2 and "last / first" in out
@@ -3068,13 +3069,13 @@ def test_http_benchmark_streams_every_trace_request_with_the_in_process_tokens(c
     model = tiny_llama(seed=3)
     t = serve.TraceConfig(adapters=6, rate=100.0, duration=0.2, input_len="2,6", output_len="2,5", ranks="1,2,4")
     b, e = serve.BenchConfig(), E.EngineConfig(pool_pages=300)
-    local, local_ids = serve.in_process(model, b, t, e)
-    served, served_ids = serve.over_http(model, b, t, e)
+    local, local_ids = http_bench.in_process(model, b, t, e)
+    served, served_ids = http_bench.over_http(model, b, t, e)
     trace = serve.make_trace(t, model.config.vocab_size)
     assert local["failed"] == served["failed"] == 0 and len(served_ids) == len(trace) == 20
     assert served_ids == local_ids and [len(ids) for ids in served_ids] == [r["max_new_tokens"] for r in trace]
     assert 0 < served["ttft_p50"] <= served["ttft_p90"] and served["tpot_p50"] > 0
-    serve.report_http([{"in process": local, "http": served}])
+    http_bench.report_http([{"in process": local, "http": served}])
     assert f"median {served['req/s'] / local['req/s']:.2f}x" in capsys.readouterr().out
 
 def test_repeated_benchmark_reports_median_and_range_of_each_ratio(capsys):
@@ -3318,7 +3319,7 @@ def test_serving_flags_reach_model_and_pool_and_bfloat16_stays_close_to_float32(
                            "", ["--device", "cpu", "--dtype", "bfloat16", "--layers", "2"])
     assert (b.device, b.dtype) == ("cpu", "bfloat16")
     monkeypatch.setattr(serve, "ModelConfig", lambda n_layers: ModelConfig.tiny(n_layers=n_layers))
-    half, full = serve._base_model(b), serve._base_model(dataclasses.replace(b, dtype="float32"))
+    half, full = serve.base_model(b), serve.base_model(dataclasses.replace(b, dtype="float32"))
     assert half.lm_head.weight.dtype == torch.bfloat16 and full.lm_head.weight.dtype == torch.float32
     tokens = torch.randint(0, 259, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
