@@ -2199,6 +2199,27 @@ def test_vs_peft_says_what_is_missing_and_compares_real_peft_adapter_files(monke
         assert HostAdapter.from_dir(name, path, cfg.n_layers, cfg.dim).rank == lcfg.r
 
 
+def test_peft_side_finds_the_pypi_kernels_package_not_ours(monkeypatch, tmp_path):
+    """transformers 5 does `from kernels import CUDAProperties` when the PyPI package `kernels` is
+    installed; from this directory our kernels.py shadows it. Stand-ins for the three packages
+    show the clash in a plain process, then PeftSide's child (PYTHONPATH naming this directory
+    too) imports the stand-in `kernels` and answers with the versions it imported."""
+    here, site = os.path.dirname(os.path.realpath(vs_peft.__file__)), tmp_path / "site"
+    for package, source in {"kernels": "CUDAProperties = object\n",
+                            "transformers": "from kernels import CUDAProperties\n__version__ = '5.x'\n",
+                            "peft": "__version__ = '0.x'\n"}.items():
+        (site / package).mkdir(parents=True)
+        (site / package / "__init__.py").write_text(source)
+    clash = subprocess.run([sys.executable, "-c", "import transformers"], cwd=here, text=True,
+                           capture_output=True, env=dict(os.environ, PYTHONPATH=str(site)))
+    assert clash.returncode != 0 and "cannot import name 'CUDAProperties'" in clash.stderr
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, str(site)]))
+    side = vs_peft.PeftSide("no model: versions only", {}, threads=1)
+    side.close()
+    assert side.ready == {"transformers": "5.x", "peft": "0.x",
+                          "kernels": str(site / "kernels" / "__init__.py")}
+    assert side.proc.returncode == 0
+
 def test_1000_request_trace_ends_with_every_page_free(served):
     base, root = served
     engine = E.Engine(base, None, pool_pages=150, ttft_slo=0.5, policy="cluster")

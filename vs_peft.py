@@ -3,16 +3,21 @@
 PEFT (0.21) can run one batch whose rows use different adapters (`generate(adapter_names=...)`):
 every prompt padded to the longest, each LoRA layer splitting the batch by adapter. The engine
 serves the same requests unpadded, joined and left token by token (S-LoRA, arXiv 2311.03285,
-sections 3 and 5). `python serve.py --vs-peft` times both on the real SmolLM2 in one process, the
-same weights (written by checkpoints.save_hf) and the same PEFT adapter files (written by
-lora.save_adapter), and counts how many outputs agree.
+sections 3 and 5). `python serve.py --vs-peft` times both on the real SmolLM2, the same weights
+(written by checkpoints.save_hf) and the same PEFT adapter files (written by lora.save_adapter),
+and counts how many outputs agree. PEFT runs in a child process (peft_worker.py) whose path leaves
+out this directory, so that transformers finds the PyPI package `kernels`, not our kernels.py;
+the two sides take turns, never running at once.
 Simplified: one fixed workload (PeftWorkload); greedy, no end token.
 Demo: `python serve.py --vs-peft --repeat 3` (needs transformers and peft, which are not
 dependencies of this project: without them it says so and stops).
-Letters: B batch rows, T0 longest prompt, H model dim, r rank.
+Letters: H model dim, r rank.
 """
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -57,34 +62,45 @@ def write_peft_adapters(cfg: ModelConfig, w: PeftWorkload, directory: str) -> Di
     return paths
 
 
-def _peft_model(hf_dir: str, adapters: Dict[str, str]):
-    """transformers' Llama with every adapter loaded by PEFT (imported here: not dependencies)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    (first, path), *rest = adapters.items()
-    peft_model = PeftModel.from_pretrained(hf, path, adapter_name=first)
-    for name, path in rest:
-        peft_model.load_adapter(path, adapter_name=name)
-    return peft_model.eval()
+class PeftSide:
+    """transformers + PEFT in a child process (peft_worker.py), whose path leaves out the project's
+    directory: transformers 5 imports the PyPI package `kernels`, which this project's kernels.py
+    would shadow in this process. Lines of JSON go in and out; `generate` returns the new tokens
+    and the child's own time of generate alone."""
 
+    def __init__(self, hf_dir: str, adapters: Dict[str, str], threads: int):
+        here = os.path.dirname(os.path.realpath(__file__))
+        path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                if p and os.path.realpath(p) != here]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        self.proc = subprocess.Popen([sys.executable, os.path.join(here, "peft_worker.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env, cwd=tempfile.gettempdir())
+        self.ready = self._ask({"hf_dir": hf_dir, "adapters": adapters, "threads": threads})["ready"]
 
-def _peft_generate(peft_model, prompts: List[List[int]], names: List[str], new_tokens: int):
-    """PEFT's mixed-adapter batch: prompts left-padded to the longest, adapter_names per row."""
-    T0 = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (T0 - len(p)) + p for p in prompts])                     # [B, T0]
-    mask = torch.tensor([[0] * (T0 - len(p)) + [1] * len(p) for p in prompts])
-    with torch.inference_mode():
-        out = peft_model.generate(input_ids=ids, attention_mask=mask, adapter_names=names,
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  do_sample=False, pad_token_id=0)
-    return out[:, T0:].tolist()
+    def _ask(self, message: dict) -> dict:
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"--vs-peft: the PEFT process ended (exit status {self.proc.wait()}); "
+                             f"its error is printed above")
+        return json.loads(line)
+
+    def generate(self, prompts: List[List[int]], names: List[str], new_tokens: int):
+        answer = self._ask({"prompts": prompts, "names": names, "new_tokens": new_tokens})
+        return answer["tokens"], answer["seconds"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def compare(base: Optional[str], threads: int, repeat: int, e: EngineConfig):
     """The engine against PEFT's own mixed-adapter generate: same weights (save_hf), same PEFT
-    adapter files, same process and threads, each side `repeat` times (at least 2) in
-    alternating order; prints the median times, their ratio and how many outputs agree."""
+    adapter files, same threads (PEFT in its child process, PeftSide), each side `repeat` times
+    (at least 2) in alternating order; prints the median times, their ratio and how many outputs
+    agree."""
     missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"--vs-peft needs transformers and peft, which are not dependencies of "
@@ -99,19 +115,26 @@ def compare(base: Optional[str], threads: int, repeat: int, e: EngineConfig):
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(model, os.path.join(tmp, "base"))
         paths = write_peft_adapters(model.config, w, tmp)
-        peft_model = _peft_model(os.path.join(tmp, "base"), paths)
+        peft = PeftSide(os.path.join(tmp, "base"), paths, threads)
         engine = Engine(model, None, **asdict(e))
         for name, path in paths.items():
             engine.add_adapter(name, path)
-        sides = {"engine": lambda: engine.generate(prompts, names, w.new_tokens),
-                 "peft": lambda: _peft_generate(peft_model, prompts, names, w.new_tokens)}
+        sides = {"engine": lambda: _timed(engine.generate, prompts, names, w.new_tokens),
+                 "peft": lambda: peft.generate(prompts, names, w.new_tokens)}
         times, outputs = {"engine": [], "peft": []}, {}
         for k in range(max(2, repeat)):
             for side in (("engine", "peft") if k % 2 == 0 else ("peft", "engine")):
-                start = time.perf_counter()
-                outputs[side] = sides[side]()
-                times[side].append(time.perf_counter() - start)
+                outputs[side], seconds = sides[side]()
+                times[side].append(seconds)
+        peft.close()
+    print(f"transformers {peft.ready['transformers']}, peft {peft.ready['peft']} "
+          f"(in a child process; its kernels module: {peft.ready['kernels']})")
     _report_vs_peft(w, times, outputs)
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 def _report_vs_peft(w: PeftWorkload, times: Dict[str, List[float]], outputs: Dict[str, list]):
