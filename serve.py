@@ -302,6 +302,10 @@ def _interrupt(signum, frame):
 def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig, net: server.NetworkConfig):
     """Load the base model and the adapters, serve them over HTTP until Ctrl-C or SIGTERM, then
     stop cleanly: running requests get a few seconds to finish, the others end with the reason."""
+    if b.tp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("serve.py: --port serves from one process on one device; tensor "
+                         "parallelism (--tp, or torchrun) is implemented for the benchmark only: "
+                         "drop --tp and torchrun, or drop --port")
     torch.set_num_threads(b.threads)
     try:
         device, _ = placement(b.device, b.dtype)

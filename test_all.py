@@ -2716,6 +2716,66 @@ def test_an_error_on_one_device_ends_the_group(root, tmp_path):
     assert not (tmp_path / "run0.json").exists()
 
 
+
+def _torchrun(args, *script):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, *map(str, script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "WORLD_SIZE"})
+
+
+def test_torchrun_one_node_and_two_nodes_give_the_tokens_and_logits_of_one(root, tmp_path):
+    """Under torchrun, tp.launch joins the group from the environment (env://) instead of
+    spawning: two processes on one node, then two nodes of one process each (static rendezvous,
+    both on this machine), each give one device's tokens and logits; --tp 3 with two processes
+    is refused by name."""
+    tokens, logits, _ = serve_requests(E.Engine(base_model(), None, pool_pages=300), root)
+    here = os.path.dirname(os.path.realpath(tp.__file__))
+    script = tmp_path / "ranks.py"    # each rank notes its torchrun RANK, then runs _rank
+    script.write_text(f"""import os, pathlib, sys
+sys.path.insert(0, {here!r})
+import test_all, tp
+
+def noted_rank(comm, root, out):
+    (out / f"rank{{comm.rank}}-RANK{{os.environ['RANK']}}").touch()
+    test_all._rank(comm, root, out)
+
+if __name__ == "__main__":
+    world, out = int(sys.argv[1]), pathlib.Path(sys.argv[2])
+    tp.launch(world, noted_rank, pathlib.Path({str(root)!r}), out, timeout_s=60, device_type="cpu")
+""")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    static = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+              "--master-port", str(port)]
+    for name, launches in (("one-node", [["--standalone", "--nproc-per-node", "2"]]),
+                           ("two-nodes", [static + ["--node-rank", str(k)] for k in (0, 1)])):
+        out = tmp_path / name
+        out.mkdir()
+        procs = [_torchrun(args, script, 2, out) for args in launches]
+        for p in procs:
+            assert p.wait(timeout=120) == 0, p.stdout.read()
+        assert sorted(p.name for p in out.glob("rank*")) == ["rank0-RANK0", "rank1-RANK1"]
+        for k in range(2):
+            run = json.loads((out / f"run{k}.json").read_text())
+            got = load_file(str(out / f"logits{k}.safetensors"))["logits"]
+            assert run["tokens"] == tokens and (got - logits).abs().max() < 1e-4, (name, k)
+    wrong = _torchrun(["--standalone", "--nproc-per-node", "2"], script, 3, tmp_path)
+    assert wrong.wait(timeout=120) != 0
+    assert "--tp 3, but torchrun started 2 processes" in wrong.stdout.read()
+
+
+
+def test_the_http_server_refuses_tensor_parallelism_by_name(monkeypatch):
+    """--port with --tp N, or under torchrun, would serve from one device (or several servers on
+    one port): refused before any model is loaded, naming the flags."""
+    net = server.NetworkConfig()
+    with pytest.raises(SystemExit, match="--port serves from one process.*drop --tp"):
+        serve.serve_http(serve.ServerConfig(port=0), serve.BenchConfig(tp=2), E.EngineConfig(), net)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="benchmark only"):
+        serve.serve_http(serve.ServerConfig(port=0), serve.BenchConfig(), E.EngineConfig(), net)
+
 def _mlp_rank(comm, root, out):
     model = mlp_llama()
     engine = tp.ShardedEngine(model, comm, tp.shard_model(model, comm), None, pool_pages=400)

@@ -36,6 +36,10 @@ narrower per device (an A row of q, k or v still needs all H input features), no
 device's share of a row of gate's or up's B^T or of down's A (ffn_dim / W numbers) fills the
 first of the row's ceil(ffn_dim / H) pages, the last ones stay empty; an error in a step ends the
 group (engine.py survives it on one device; here the peers would wait in collectives).
+Launch: `python serve.py --tp 2` spawns the processes on this machine; `torchrun --nproc-per-node 2
+serve.py --tp 2` (and `--nnodes`, one node or several) starts them itself, and each joins the
+group from torchrun's environment (`join`, env://). The HTTP server (serve.py --port) runs on one
+device: the server over tensor parallelism is not implemented, and asked for it is refused.
 Demo: `python serve.py --tp 2 --adapters 100`; `python tp.py --world 2` (what each device holds).
 Letters: W devices, k this device, N tokens of a step, L layers, H model dim, r adapter rank,
 c = ceil(r / W).
@@ -308,11 +312,15 @@ class ShardedEngine(Engine):
 
 def launch(world: int, fn, *args, timeout_s: float = 300.0, device_type: Optional[str] = None):
     """Run fn(comm, *args) in `world` processes joined in one group: NCCL on GPUs, gloo on a CPU
-    (device_type None: GPUs when present). An error in one ends them all and raises here, naming
-    the device that failed first: the others fail after it, their collectives missing a partner,
-    and spawn reports whichever process it notices first, so each device records its own error
-    with the time, and the earliest is the cause."""
+    (device_type None: GPUs when present). Started by torchrun (WORLD_SIZE in the environment),
+    this process is one of them: it joins the group torchrun set up (`join`). Otherwise it spawns
+    them on this machine. An error in one ends them all and raises here, naming the device that
+    failed first: the others fail after it, their collectives missing a partner, and spawn
+    reports whichever process it notices first, so each device records its own error with the
+    time, and the earliest is the cause."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "WORLD_SIZE" in os.environ:
+        return join(world, fn, *args, timeout_s=timeout_s, device_type=device_type)
     if device_type == "cuda" and torch.cuda.device_count() < world:
         raise ValueError(f"{world} devices asked for, {torch.cuda.device_count()} GPUs present")
     with socket.socket() as sock:   # a free port for the rendezvous
@@ -326,6 +334,37 @@ def launch(world: int, fn, *args, timeout_s: float = 300.0, device_type: Optiona
             raise TensorParallelError(_first_error(Path(errors), e)) from None
 
 
+def join(world: int, fn, *args, timeout_s: float, device_type: str):
+    """One rank started by torchrun (one node or several): the rendezvous and the ranks come from
+    its environment (init_method env://: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), the device
+    is cuda:LOCAL_RANK, the threads are torchrun's (OMP_NUM_THREADS). An error here raises on this
+    rank; torchrun then ends the others and names the first rank that failed."""
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if size != world:
+        raise TensorParallelError(f"--tp {world}, but torchrun started {size} processes "
+                                  f"(WORLD_SIZE = --nnodes x --nproc-per-node must equal --tp)")
+    if device_type == "cuda" and torch.cuda.device_count() <= local:
+        raise TensorParallelError(f"rank {rank}: LOCAL_RANK {local}, but this node has "
+                                  f"{torch.cuda.device_count()} GPUs")
+    device = _device(device_type, local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        fn(Comm(rank, world, device), *args)
+    except Exception as e:
+        raise TensorParallelError(f"rank {rank}: {type(e).__name__}: {e}") from e
+    finally:
+        dist.destroy_process_group()
+
+
+def _device(device_type: str, local_rank: int) -> torch.device:
+    if device_type != "cuda":
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
 def _first_error(errors: Path, e: Exception) -> str:
     """The earliest error a device recorded; else spawn's word on the process that ended first
     (one that never reached fn: killed, or its imports failed, as its output above shows)."""
@@ -336,15 +375,13 @@ def _first_error(errors: Path, e: Exception) -> str:
 
 
 def _worker(rank, world, port, timeout_s, device_type, errors, fn, args):
-    cuda = device_type == "cuda"
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:   # the processes share the machine's cores
+    device = _device(device_type, rank)
+    if device.type == "cpu":   # the processes share the machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=timeout_s))
         fn(Comm(rank, world, device), *args)
     except Exception as e:
         # Written before this process exits, hence before its peers lose their connections to it.
