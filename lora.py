@@ -151,11 +151,13 @@ def _site_key(name: str, which: str) -> str:
     return peft_key(int(name.split(".")[2]), name.rsplit(".", 1)[-1], which)
 
 
-def save_adapter(model, path, cfg: LoRAConfig, base_model_name=None):
-    """PEFT files; base_model_name: the checkpoint the adapter was trained on (model.config.name)."""
+def save_adapter(model, path, cfg: LoRAConfig, base_model_name=None, layers=None):
+    """PEFT files; base_model_name: the checkpoint the adapter was trained on (model.config.name);
+    layers: {module name: object with .lora_A, .lora_B} (default lora_layers(model))."""
     os.makedirs(path, exist_ok=True)
+    layers = lora_layers(model) if layers is None else layers
     tensors = {_site_key(name, which): getattr(m, which).weight.detach().float().contiguous()
-               for name, m in lora_layers(model).items() for which in ("lora_A", "lora_B")}
+               for name, m in layers.items() for which in ("lora_A", "lora_B")}
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
               "base_model_name_or_path": base_model_name, "lora_dropout": cfg.dropout,

@@ -44,6 +44,7 @@ import serve  # noqa: E402
 import http_bench  # noqa: E402
 import tp  # noqa: E402
 import vs_peft  # noqa: E402
+import multi_train  # noqa: E402
 import train  # noqa: E402
 import trainer  # noqa: E402
 import decode  # noqa: E402
@@ -780,7 +781,7 @@ def test_malformed_records_are_listed_with_file_line_and_reason_before_any_model
              '{"prompt": "a", "completion": ""}', '{"prompt": "a", "completion": "b", "messages": []}']
     path.write_bytes("\n".join(lines).encode() + b'\n{"prompt": "caf\xe9", "completion": "b"}\n')
     with pytest.raises(sft_data.RecordError) as refused:
-        train.main(train.TrainConfig(data=str(path), out=str(tmp_path / "out")), log=lambda s: None)
+        train.main(train.TrainConfig(data=[str(path)], out=str(tmp_path / "out")), log=lambda s: None)
     message = str(refused.value)
     assert message.startswith("8 malformed records")
     for line, reason in [(3, "not JSON"), (4, "expected a JSON object, got list"),
@@ -1027,7 +1028,7 @@ def test_own_data_run_reports_validation_loss_and_saves_the_adapter(tmp_path, mo
     base, tok, _ = tiny_setup()
     monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (base, tok))
     data = jsonl(tmp_path / "my.jsonl", PAIRS * 2)
-    cfg = train.TrainConfig(data=str(data), out=str(tmp_path / "out"), steps=6, batch_size=2, lr=3e-2,
+    cfg = train.TrainConfig(data=[str(data)], out=str(tmp_path / "out"), steps=6, batch_size=2, lr=3e-2,
                             warmup=1, val_fraction=0.2, eval_every=2, log_every=100)
     lines = []
     results = train.main(cfg, log=lines.append)
@@ -1044,7 +1045,7 @@ def test_resumed_run_has_the_same_losses_as_an_uninterrupted_one(tmp_path, monke
     base, tok, _ = tiny_setup()
     monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (base, tok))
     data = jsonl(tmp_path / "my.jsonl", PAIRS * 3)
-    common = dict(data=str(data), steps=6, batch_size=2, grad_accum=2, lr=1e-2, warmup=2, dropout=0.1,
+    common = dict(data=[str(data)], steps=6, batch_size=2, grad_accum=2, lr=1e-2, warmup=2, dropout=0.1,
                   val_fraction=0.2, eval_every=2, save_every=3, log_every=100)
     straight = train.main(train.TrainConfig(out=str(tmp_path / "a"), **common), log=lambda s: None)
     checkpoint = tmp_path / "a" / "checkpoint-3"
@@ -1069,6 +1070,138 @@ def test_batched_beam_search_equals_one_prompt_at_a_time():
     together = decode.beam_search(base, prompts, cfg, eos)
     alone = [decode.beam_search(base, [p], cfg, eos)[0] for p in prompts]
     assert together == alone and len({len(out) for out in alone}) > 1
+
+
+# ------------------------------------------------------------------------------ many adapters in one batch (multi_train.py)
+
+def _rows(seed, n, longest):
+    """n examples of random byte tokens: a 2-4 token prompt, a 2..longest token target."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p, t = rng.randint(2, 4), rng.randint(2, longest)
+        out.append(([rng.randrange(259) for _ in range(p + t)], [False] * p + [True] * t))
+    return out
+
+
+MULTI = {"small": dict(rank=2, targets="q,v", seed=1),
+         "wide": dict(rank=3, targets="all-linear", seed=2, alpha=8.0),
+         "long": dict(rank=4, targets="k,o", seed=3, lr=5e-3, dropout=0.2)}
+
+
+def _multi_jobs(common):
+    return [multi_train.make_job(name, common, opts, _rows(i, 8, 24 if name == "long" else 5),
+                                 _rows(10 + i, 3, 5), where=name)
+            for i, (name, opts) in enumerate(MULTI.items())]
+
+
+def test_adapters_trained_together_equal_each_trained_alone(tmp_path):
+    """Three adapters of different ranks, alphas, learning rates, dropouts and targets, one with
+    rows five times longer, trained in joint batches (one base forward for all rows, segments):
+    after 4 steps of 2 micro-batches with clipping, each adapter's A, B, training and validation
+    losses equal the same adapter trained alone by trainer.train (as train.py does: its seed, its
+    rows in the same order); the saved PEFT directory loads like any other."""
+    torch.manual_seed(0)
+    base = Llama(ModelConfig.tiny()).eval()
+    common = trainer.LoopConfig(steps=4, warmup=1, batch_size=2, grad_accum=2, lr=1e-2,
+                                max_grad_norm=0.5, eval_every=2, log_every=2)
+    jobs = _multi_jobs(common)
+    multi, hist = multi_train.train_together(copy.deepcopy(base), jobs, log=lambda s: None)
+    for job in jobs:
+        torch.manual_seed(job.cfg.seed)
+        net, lcfg = trainer.prepare(copy.deepcopy(base), job.cfg)
+        alone = trainer.train(net, job.examples, job.cfg, lambda s: None, job.val)
+        assert np.allclose(alone["losses"], hist[job.name]["losses"], atol=1e-5), job.name
+        assert np.allclose(alone["val_losses"], hist[job.name]["val_losses"], atol=1e-5)
+        layers = lora_layers(net)
+        assert set(layers) == set(multi.layers[job.name])
+        for site, m in layers.items():
+            got = multi.layers[job.name][site]
+            for which in ("lora_A", "lora_B"):
+                assert torch.allclose(getattr(m, which).weight, getattr(got, which).weight, atol=1e-5)
+        multi.save(job.name, str(tmp_path / job.name))
+        fresh = copy.deepcopy(base)
+        assert load_adapter(fresh, str(tmp_path / job.name)).r == MULTI[job.name]["rank"]
+        tokens = torch.tensor([[5, 6, 7, 8]])
+        with torch.no_grad():
+            assert torch.allclose(fresh.eval()(tokens), net.eval()(tokens), atol=1e-5)
+    assert hist["small"]["losses"] != hist["long"]["losses"]
+
+
+def test_a_joint_run_resumes_to_the_losses_of_an_uninterrupted_one(tmp_path):
+    """checkpoint-2 holds every adapter (PEFT files, AdamW, dropout generator, losses); resuming
+    from it gives the losses and weights of a run that never stopped."""
+    torch.manual_seed(0)
+    base = Llama(ModelConfig.tiny()).eval()
+    common = trainer.LoopConfig(steps=4, warmup=1, batch_size=2, lr=1e-2, save_every=2, log_every=4)
+    whole, hist = multi_train.train_together(copy.deepcopy(base), _multi_jobs(common),
+                                             str(tmp_path), log=lambda s: None)
+    assert sorted(os.listdir(tmp_path / "checkpoint-2")) == sorted(MULTI)
+    resumed, rhist = multi_train.train_together(copy.deepcopy(base), _multi_jobs(common),
+                                                resume=str(tmp_path / "checkpoint-2"), log=lambda s: None)
+    for name in MULTI:
+        assert np.allclose(hist[name]["losses"], rhist[name]["losses"], atol=1e-6)
+        for site, pair in whole.layers[name].items():
+            assert torch.allclose(pair.lora_B.weight, resumed.layers[name][site].lora_B.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("a.jsonl:rank=8,targets=q,v", None),
+    ("a.jsonl:rank=0", "rank=0 must be at least 1"),
+    ("a.jsonl:rank=two", "rank='two' is not int"),
+    ("a.jsonl:colour=red", "unknown key 'colour'"),
+    ("a.jsonl:targets=q,x", "targets='q,x' must name projections"),
+])
+def test_multi_adapter_specs_parse_or_are_refused_by_name(spec, words):
+    try:
+        path, options = multi_train.parse_spec(spec)
+        multi_train.make_job("a", trainer.LoopConfig(), options, _rows(0, 2, 3), where=f"--data {spec}")
+    except multi_train.SpecError as e:
+        assert words is not None and words in str(e) and "--data a.jsonl" in str(e), str(e)
+        return
+    assert words is None and path == "a.jsonl" and options == {"rank": 8, "targets": "q,v"}
+
+
+def test_two_adapters_of_one_name_are_refused():
+    jobs = [multi_train.make_job("a", trainer.LoopConfig(), {}, _rows(0, 2, 3)) for _ in range(2)]
+    with pytest.raises(multi_train.SpecError, match="names given twice: a"):
+        multi_train.train_together(Llama(ModelConfig.tiny()), jobs, log=lambda s: None)
+
+
+def test_train_py_trains_one_adapter_per_data_file_in_one_batch(tmp_path, monkeypatch):
+    """`--data a.jsonl --data b.jsonl:name=beta,rank=8,targets=q,k,v`: one run, two adapters,
+    each with its own validation losses and its own PEFT directory of its rank and targets."""
+    base, tok, _ = tiny_setup()
+    monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (base, tok))
+    a, b = jsonl(tmp_path / "a.jsonl", PAIRS * 2), jsonl(tmp_path / "b.jsonl", PAIRS[:2] * 4)
+    cfg = train.TrainConfig(data=[str(a), f"{b}:name=beta,rank=8,targets=q,k,v"], steps=4,
+                            out=str(tmp_path / "out"), batch_size=2, warmup=1, val_fraction=0.25,
+                            eval_every=2, log_every=100)
+    results = train.main(cfg, log=lambda s: None)
+    assert [r["name"] for r in results["runs"]] == ["a", "beta"]
+    for row, r, targets in zip(results["runs"], (4, 8), (["q_proj", "v_proj"], ["k_proj", "q_proj", "v_proj"])):
+        lcfg, _ = read_adapter(tmp_path / "out" / row["name"] / "adapter")
+        assert lcfg.r == r and sorted(lcfg.targets) == targets
+        assert [step for step, _ in row["val_losses"]] == [2, 4] and len(row["losses"]) == 4
+    assert results["runs"][0]["losses"] != results["runs"][1]["losses"]
+
+
+@pytest.mark.parametrize("specs, words", [
+    (["{a}", "{a}"], "adapter names given twice: a"),
+    (["{a}", "{a}:rank=0,name=b"], "--data {a}: rank=0 must be at least 1"),
+    (["{a}", "{a}:name=b,rank"], "'rank' is not key=value"),
+    (["{a}", "{a}:name=b,colour=red"], "unknown key 'colour'"),
+    (["{a}", "{empty}:name=b"], "empty.jsonl: no records"),
+    (["{a}", "{bad}:name=b"], "bad.jsonl, line 2: not JSON"),
+])
+def test_bad_multi_adapter_runs_are_refused_before_any_model_work(tmp_path, no_model, specs, words):
+    paths = {"a": jsonl(tmp_path / "a.jsonl", PAIRS), "empty": tmp_path / "empty.jsonl",
+             "bad": tmp_path / "bad.jsonl"}
+    paths["empty"].write_text("\n")
+    paths["bad"].write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{oops\n")
+    cfg = train.TrainConfig(data=[s.format(**paths) for s in specs], out=str(tmp_path / "out"))
+    with pytest.raises((train.UsageError, sft_data.RecordError), match=re.escape(words.format(**paths))):
+        train.main(cfg, log=lambda s: None)
 
 
 # ------------------------------------------------------------------------------------ metrics

@@ -35,6 +35,7 @@ from typing import List, Optional
 import torch
 
 import cli
+import multi_train
 from checkpoints import Tokenizer, load_model, placement, save_hf
 from decode import DecodeConfig, generate_outputs
 from e2e import DataError, e2e_metrics, ensure_data, group_refs, read_e2e
@@ -51,7 +52,13 @@ class TrainConfig(LoopConfig, DecodeConfig):
     """The command line: the experiment's flags here, the training loop's from trainer.LoopConfig,
     the decoding flags (--beam, ...) from DecodeConfig."""
     task: str = flag("e2e", "experiment: e2e, the LoRA paper's E2E NLG (Table 3); or --data")
-    data: Optional[str] = flag(None, "train on this JSONL file instead of E2E", str)
+    data: List[str] = flag([], "train on this JSONL file instead of E2E; repeated, one adapter per "
+                           "file, all in one batch (FILE:name=N,rank=8,targets=q,v,alpha=,lr=,"
+                           "dropout=,seed= sets that adapter's own values)")
+    adapters: int = flag(1, "E2E: train this many adapters in one batch, seeds --seed, --seed + 1, "
+                            "...; with --bench-multi: how many to time (default 4)")
+    bench_multi: bool = flag(False, "time adapters trained in one batch against one after another "
+                             "(multi_train.bench) on random E2E-shaped rows, then stop")
     e2e_dir: Optional[str] = flag(None, "folder of the E2E CSV files (default $E2E_DATA, else "
                                   "~/.cache/e2e-nlg, where they are downloaded when missing)", str)
     base: Optional[str] = flag(None, "base model: .gguf file or Hugging Face folder (default "
@@ -93,6 +100,7 @@ FLAG_RULES = {  # flag: (test, what it must be), checked before any data or mode
     **{name: (lambda v: 0 <= v < 1, "in [0, 1)") for name in ("dropout", "label_smoothing", "val_fraction")},
     "seq_len": (lambda v: v >= 2, "at least 2 (a prompt token and a target token)"),
     "eval_limit": (lambda v: v is None or v >= 1, "at least 1"),
+    "adapters": (lambda v: v >= 1, "at least 1"),
     "epochs": (lambda v: v is None or v >= 1, "at least 1"),
     "device": (lambda v: v in ("cpu", "cuda"), "cpu or cuda"),
     "dtype": (lambda v: v in ("float32", "bfloat16"),
@@ -133,6 +141,11 @@ def check_flags(cfg: TrainConfig):
         raise UsageError(f"--{'sweep' if cfg.sweep else 'adapter'} belongs to the E2E experiment, "
                          "not to --data")
     try:
+        if is_multi(cfg) and not cfg.bench_multi:
+            return check_multi(cfg)
+    except multi_train.SpecError as e:
+        raise UsageError(str(e)) from None
+    try:
         if cfg.adapter or cfg.resume:
             read_adapter(cfg.adapter or cfg.resume)
     except AdapterError as e:
@@ -144,6 +157,31 @@ def check_flags(cfg: TrainConfig):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--out {cfg.out}: cannot write there ({existing} is not a writable folder)")
+
+
+def is_multi(cfg: TrainConfig) -> bool:
+    """Several adapters in one batch (multi_train.py): --adapters N, several --data, or options."""
+    return cfg.adapters > 1 or len(cfg.data) > 1 or any(multi_train.parse_spec(d)[1] for d in cfg.data)
+
+
+def check_multi(cfg: TrainConfig):
+    """The flags of a joint run; with --resume, a folder of every adapter's checkpoint."""
+    if cfg.data and cfg.adapters > 1:
+        raise UsageError("--adapters N belongs to the E2E experiment; with --data give one --data "
+                         "per adapter")
+    if cfg.sweep or cfg.adapter or cfg.method != "lora" or cfg.epochs:
+        raise UsageError("several adapters train with --method lora and --steps, without --sweep, "
+                         "--adapter or --epochs")
+    specs = [multi_train.parse_spec(d) for d in cfg.data]
+    for path, options in specs:
+        multi_train.job_config(cfg, options, f"--data {path}")
+    names = [multi_train.spec_name(*s) for s in specs] or [f"e2e-{k}" for k in range(cfg.adapters)]
+    multi_train.check_names(names)
+    for name in names if cfg.resume else []:
+        try:
+            read_adapter(os.path.join(cfg.resume, name))
+        except AdapterError as e:
+            raise UsageError(f"--resume: adapter {name!r}: {e}") from None
 
 
 def check_resumable(cfg: TrainConfig):
@@ -328,17 +366,62 @@ def run_e2e(cfg: TrainConfig, results: dict, log=print):
 def run_data(cfg: TrainConfig, results: dict, log=print):
     """Your data: every record checked before the model loads; train with the validation split,
     save the adapter (PEFT) in --out/adapter."""
-    records = read_records(cfg.data)
+    path, = cfg.data
+    records = read_records(path)
     base, tok = load_model(cfg.base, ignore_keys=cfg.ignore_config_key)
     base.to(cfg.device)
     check_fits(base, [], cfg)
-    examples, val = split_validation(encode_records(tok, records, cfg.data, cfg.seq_len),
+    examples, val = split_validation(encode_records(tok, records, path, cfg.seq_len),
                                      cfg.val_fraction, cfg.seed)
-    log(f"{len(examples)} training and {len(val)} validation examples from {cfg.data}")
+    log(f"{len(examples)} training and {len(val)} validation examples from {path}")
     cfg = steps_from_epochs(cfg, len(examples), results, log)
     results.update(train_examples=len(examples), val_examples=len(val), runs=[])
     _, row = fine_tune(base, tok, examples, val, cfg, cfg.out, log)
     results["runs"].append(row)
+
+
+def run_multi(cfg: TrainConfig, results: dict, log=print):
+    """Several adapters in one batch (multi_train.py): one per --data file, or --adapters N on
+    E2E; each saved in --out/<name>/adapter (PEFT) and, on E2E, decoded and scored."""
+    read = multi_train.read_specs(cfg.data)                 # every file checked before the model
+    rows, _, groups = (None, None, None) if cfg.data else load_splits(cfg, log)
+    base, tok = load_model(cfg.base, ignore_keys=cfg.ignore_config_key)
+    base.to(cfg.device)
+    if groups:
+        check_fits(base, [tok.encode(f"{mr}\n") for mr, _ in groups], cfg)
+        examples, val = split_validation([encode_example(tok, mr, ref, cfg.seq_len) for mr, ref in rows],
+                                         cfg.val_fraction, cfg.seed)
+        jobs = multi_train.seed_jobs(cfg.adapters, examples, val, cfg, "e2e")
+    else:
+        check_fits(base, [], cfg)
+        jobs = multi_train.data_jobs(read, tok, cfg, cfg.seq_len, cfg.val_fraction)
+    log(f"{len(jobs)} adapters in one batch: " + ", ".join(
+        f"{j.name} (r={j.cfg.rank} {j.cfg.targets}, {len(j.examples)} examples)" for j in jobs))
+    multi, hist = multi_train.train_together(base, jobs, cfg.out, cfg.resume, log)
+    results["runs"] = []
+    for job in jobs:
+        path = os.path.join(cfg.out, job.name, "adapter")
+        multi.save(job.name, path)
+        h = hist[job.name]
+        trainable = sum(p.numel() for p in multi.parameters(job.name))
+        row = {"name": job.name, "method": f"lora {job.name}", "rank": job.cfg.rank,
+               "targets": job.cfg.targets, "seed": job.cfg.seed, "trainable": trainable, "final_loss": sum(h["losses"][-10:]) / len(h["losses"][-10:]),
+               **h, "checkpoint": path, "checkpoint_mb": folder_mb(path),
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if groups:
+            multi.set_segments([multi_train.Segment(job.name)])    # every row: this adapter
+            outs, metrics = evaluate(multi.net, tok, groups, cfg, log)
+            write_lines(outs, os.path.join(cfg.out, job.name, "predictions.txt"))
+            row.update(metrics)
+        results["runs"].append(row)
+        write_json(results, os.path.join(cfg.out, "results.json"))
+    log(table(results["runs"]))
+
+
+def run_bench_multi(cfg: TrainConfig, results: dict, log=print):
+    base = load_model(cfg.base, ignore_keys=cfg.ignore_config_key)[0].to(cfg.device)
+    results["bench_multi"] = multi_train.bench(base, cfg.adapters if cfg.adapters > 1 else 4, cfg,
+                                               log=log)
 
 
 def steps_from_epochs(cfg: TrainConfig, n_examples: int, results: dict, log=print) -> TrainConfig:
@@ -360,7 +443,9 @@ def main(cfg: TrainConfig, log=print) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     results = {"config": asdict(cfg)}
     try:
-        (run_data if cfg.data else run_e2e)(cfg, results, log)
+        run = (run_bench_multi if cfg.bench_multi else run_multi if is_multi(cfg)
+               else run_data if cfg.data else run_e2e)
+        run(cfg, results, log)
     except BaseException as e:                       # KeyboardInterrupt too: keep what was done
         results["failed"] = f"{type(e).__name__}: {e}"
         raise
@@ -409,5 +494,5 @@ def parse_args(argv=None) -> TrainConfig:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DataError, RecordError, UsageError, AdapterError) as e:
+    except (DataError, RecordError, UsageError, AdapterError, multi_train.SpecError) as e:
         raise SystemExit(f"error: {e}")
