@@ -13,6 +13,7 @@ before the next part runs:
   (d) a LoRA training step against a full fine-tuning step (trainer.py, bfloat16 autocast): LoRA
       trains fewer parameters and keeps no optimizer state for the frozen ones (Hu et al. 2021,
       section 4.2)
+  (e) 4 adapters of batch 2 trained in one batch against one after another (multi_train.bench)
 Kernel times on a GPU: triton.testing.do_bench, the median of CUDA-event timings with the L2
 cache flushed before each call (the H200's 60 MB of L2 would otherwise hold the adapters).
 Simplified: random weights of SmolLM2-135M's exact shape unless $LORA_MODEL_PATH names the model
@@ -40,6 +41,7 @@ import cli
 import attention
 import kernel_bench
 import kernels
+import multi_train
 import serve
 import trainer
 from baselines import ENGINES
@@ -57,8 +59,8 @@ class CheckConfig:
     out: str = flag("gpu_check.md", "the markdown report, written line by line")
     device: str = flag("cuda", "cuda; or cpu with --small (the kernels need TRITON_INTERPRET=1)")
     small: bool = flag(False, "tiny sizes: the whole check in seconds on a CPU (tests this script)")
-    parts: str = flag("a,b,c,d", "the parts to run, comma separated")
-    limits: str = flag("a=90,b=45,c=240,d=45", "seconds each part may run before it is stopped")
+    parts: str = flag("a,b,c,d,e", "the parts to run, comma separated")
+    limits: str = flag("a=90,b=45,c=240,d=45,e=60", "seconds each part may run before it is stopped")
     mode_seconds: float = flag(22.0, "(c): seconds one mode's replay may run before it is stopped")
 
 
@@ -342,12 +344,30 @@ def part_d(s: Sizes, device, cfg: CheckConfig, write):
     write(f"\nLoRA step / full fine-tuning step: {sec['lora'] / sec['full']:.2f}")
 
 
+def part_e(s: Sizes, device, cfg: CheckConfig, write):
+    """multi_train.bench: 4 adapters (r=4 on q, v) of 2 rows each in one joint step against 4
+    steps of one adapter each, and the frozen base's share; bfloat16 autocast on a GPU."""
+    torch.manual_seed(0)
+    model = Llama(s.model).to(device)
+    tcfg = trainer.LoopConfig(batch_size=2, dtype="bfloat16" if device.type == "cuda" else "float32")
+    med = multi_train.bench(model, 4, tcfg, repeat=1 if cfg.small else 3,
+                            steps=1 if cfg.small else 5, log=lambda line: None)
+    write(f"4 adapters x 2 rows of 40-60 tokens, {tcfg.dtype}, AdamW; medians\n")
+    write("| variant | optimizer step (ms) |")
+    write("| --- | --- |")
+    for k in ("together", "one after another", "frozen base only"):
+        write(f"| {k} | {med[k] * 1e3:.1f} |")
+    write(f"\ntogether / one after another: {med['speedup']:.2f}x; the frozen base's forward and "
+          f"backward: {100 * med['frozen base only'] / med['together']:.0f}% of the joint step")
+
+
 # ------------------------------------------------------------------ the report
 
 PARTS = {"a": ("(a) Every kernel against its reference", part_a),
          "b": ("(b) Shrink and expand at the decode shape", part_b),
          "c": ("(c) Serving benchmark, 5, 100 and 1000 adapters", part_c),
-         "d": ("(d) A LoRA training step against a full fine-tuning step", part_d)}
+         "d": ("(d) A LoRA training step against a full fine-tuning step", part_d),
+         "e": ("(e) Four adapters trained in one batch against one after another", part_e)}
 
 
 def header(cfg: CheckConfig, device, write):
@@ -385,7 +405,7 @@ def main(cfg: CheckConfig):
         limits = {k: float(v) for k, v in (kv.split("=") for kv in cfg.limits.split(","))}
     except ValueError:
         raise SystemExit(f"gpu_check.py: --limits {cfg.limits!r}: expected part=seconds pairs, "
-                         "comma separated, such as a=90,b=45,c=240,d=45")
+                         "comma separated, such as a=90,b=45,c=240,d=45,e=60")
     parts = cfg.parts.split(",")
     unknown = [p for p in parts if p not in PARTS or p not in limits]
     if unknown:

@@ -436,25 +436,30 @@ def bench(base: Llama, n_adapters: int, cfg: LoopConfig, repeat: int = 3, steps:
         "together": lambda micro: train_step_together(multi, opts, micro, 0),
         "one after another": lambda micro: [train_step(net, opt, micro[j.name], 0, j.cfg)
                                             for net, opt, j in alone],
-        "frozen base only": lambda micro: _base_step(plain, micro)}
+        "frozen base only": lambda micro: _base_step(plain, micro, cfg.dtype)}
     multi.net.train()
     times = {k: [] for k in variants}
+    sync = torch.cuda.synchronize if base.lm_head.weight.is_cuda else (lambda: None)
     for r in range(repeat + 1):                                  # the first round warms up
         for k, fn in variants.items():
             micro = {n: [next(d)] for n, d in data.items()}
+            sync()
             start = time.perf_counter()
             for _ in range(steps):
                 fn(micro)
+            sync()
             if r:
                 times[k].append((time.perf_counter() - start) / steps)
     return _report_bench(times, n_adapters, cfg, log)
 
 
-def _base_step(plain: Llama, micro: Dict[str, list]):
+def _base_step(plain: Llama, micro: Dict[str, list], dtype: str):
     """The frozen model's share of a joint step: forward and backward through every layer (the
     gradient LoRA needs flows through them), no adapter, no optimizer."""
-    tokens, mask = stack({n: parts[0][:2] for n, parts in micro.items()})
-    logits = plain(tokens[:, :-1], select=mask)
+    tokens, mask = (t.to(plain.lm_head.weight.device)
+                    for t in stack({n: parts[0][:2] for n, parts in micro.items()}))
+    with autocast(plain, dtype):
+        logits = plain(tokens[:, :-1], select=mask)
     F.cross_entropy(logits.float(), tokens[:, 1:][mask], reduction="sum").backward()
 
 

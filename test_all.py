@@ -3613,12 +3613,13 @@ def test_gpu_check_runs_small_on_a_cpu_and_reports_every_part_with_numbers(tmp_p
     assert run.returncode == 0, run.stderr[-2000:]
     report = out.read_text()
     parts = re.split(r"^## ", report, flags=re.M)[1:]
-    assert [p[:3] for p in parts] == ["(a)", "(b)", "(c)", "(d)"]
+    assert [p[:3] for p in parts] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
     for part in parts:
         assert "**failed**" not in part and "**stopped**" not in part, part
         assert re.search(r"^\|.* \| [-+.,e\d]+ \|", part, flags=re.M), part     # a row of numbers
     assert "FAIL" not in parts[0] and "within tolerance: PASS" in parts[0]
     assert "LoRA / base GEMM time" in parts[1] and "of its throughput with 2" in parts[2]
+    assert "together / one after another" in parts[4]
 
 
 def test_gpu_check_reports_a_failing_or_overrunning_part_and_runs_the_next(tmp_path, monkeypatch):
