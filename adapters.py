@@ -329,6 +329,17 @@ class AdapterRegistry:
             self.dropped += key in self.pool.resident   # left the pool without an eviction
             self.pool.unregister(key)
 
+    def where(self) -> Dict[str, tuple]:
+        """name -> (tier, requests using it, pool pages): tier "pool" (resident: its pages hold
+        it), "host" (its weights in host memory) or "disk" (its files only, read when loaded)."""
+        out = {}
+        for name, key in self.current.items():
+            resident, weights = self.pool.resident.get(key), self.pool.host[key].weights
+            on_disk = isinstance(weights, OnDisk) and weights.serial not in self.host_store.copies
+            tier = "pool" if resident else "disk" if on_disk else "host"
+            out[name] = (tier, self.users[key], sum(map(len, resident.pages.values())) if resident else 0)
+        return out
+
     def in_host_memory(self) -> int:
         """Adapters held whole in host memory, and the host copies of those kept as files."""
         held = sum(not isinstance(a.weights, OnDisk) for a in self.pool.host.values())

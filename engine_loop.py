@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import cli
+import pool_view
 from lora import AdapterError
 from model import SamplingParams
 from records import CONTEXT_LENGTH
+from tp import TensorParallelError
 
 
 @dataclass
@@ -82,6 +84,7 @@ class EngineLoop:
         self.lock = threading.Condition()
         self.live: dict = {}                 # request id -> Completion
         self.running, self.accepting = False, True
+        self.fatal: Optional[str] = None     # why the engine stopped for good (a lost TP group)
         self.idle_wait_s = 1.0              # an idle engine thread's nap; submit notifies it
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -211,12 +214,24 @@ class EngineLoop:
         return {"object": "list", "data": [card(self.base_id, None)] + [card(n, self.base_id) for n in names]}
 
     def metrics(self) -> str:
+        """Prometheus text: the engine's counters, and per adapter name its tier and users."""
         with self.lock:
-            values = self.engine.metrics()
+            values, where = self.engine.metrics(), self.engine.registry.where()
         lines = []
         for name, (help, value) in values.items():
             lines += [f"# HELP slora_{name} {help}", f"# TYPE slora_{name} gauge", f"slora_{name} {value}"]
+        lines += ["# HELP slora_adapter_resident where an adapter's weights are: tier pool, host "
+                  "or disk", "# TYPE slora_adapter_resident gauge"]
+        lines += [f'slora_adapter_resident{{name="{_label(n)}",tier="{t}"}} 1' for n, (t, _, _) in where.items()]
+        lines += ["# HELP slora_adapter_requests requests using an adapter",
+                  "# TYPE slora_adapter_requests gauge"]
+        lines += [f'slora_adapter_requests{{name="{_label(n)}"}} {u}' for n, (_, u, _) in where.items()]
         return "\n".join(lines) + "\n"
+
+    def pool_page(self) -> str:
+        """GET /pool: the unified pool drawn page by page (pool_view.py)."""
+        with self.lock:
+            return pool_view.html(self.engine.pool, self.engine.registry.where(), self.engine.metrics())
 
     def _run(self):
         while True:
@@ -225,6 +240,8 @@ class EngineLoop:
                     return
                 try:
                     ran = self.engine.step()
+                except TensorParallelError as e:   # the group is gone: no step can run again
+                    return self._stop_for_good(f"{type(e).__name__}: {e}")
                 except Exception as e:   # the engine failed the step's requests; report and go on
                     ran = True
                     print(f"engine step failed: {type(e).__name__}: {e}", flush=True)
@@ -232,6 +249,13 @@ class EngineLoop:
                 if not ran and not self.engine.pending():
                     self.lock.wait(timeout=self.idle_wait_s)   # submit wakes it at once
             time.sleep(0)   # between steps, HTTP threads waiting for the lock get it
+
+    def _stop_for_good(self, error: str):
+        """Every live request fails with the error, new ones get 503, and `fatal` says why."""
+        print(f"engine stopped: {error}", flush=True)
+        self.fatal, self.accepting, self.running = error, False, False
+        for c in list(self.live.values()):
+            self._end(c, "failed", f"the engine stopped: {error}")
 
     def _publish(self):
         """New tokens -> whole characters of text; finished or failed requests end."""
@@ -262,6 +286,11 @@ class EngineLoop:
         self.engine.forget(c.rid)
         c.updated.set()
         c.done.set()
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def extend_text(c: Completion, tok, stop_ids, running: bool):

@@ -30,17 +30,21 @@ per KV page, S adapter slots.
 Simplified: KV pages are taken lowest index first, adapter pages highest first (so an adapter's
 pages are usually consecutive and the CPU path reads them in place); no swapping of KV to host.
 Demo: `python paging.py` prints a map of the pool (. free, K kv cache, A adapter) as requests
-come and go, and says when and why an adapter is evicted.
+come and go, and says when and why an adapter is evicted; `--picture pool.svg` draws the pool at
+the end (pool_view.py), each page coloured by its owner.
 """
 import heapq
+import json
 import math
+import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import cli
+import pool_view
 from adapters import SERVABLE, HostAdapter, OnDisk, row_pages, target_shapes, target_widths
 from lora import AdapterError
 
@@ -341,7 +345,13 @@ class UnifiedPool:
 
 
 # ---------------------------------------------------------------- demo: python paging.py
-def _demo(cfg: PoolConfig):
+@dataclass
+class PictureConfig:
+    picture: Optional[str] = cli.flag(None, "write the pool after the demo as an SVG picture to "
+                                            "this file (pool_view.py), its numbers beside it as JSON", str)
+
+
+def _demo(cfg: PoolConfig, picture: Optional[str] = None):
     pool, widths = UnifiedPool(cfg), target_widths(cfg)
     qv = {t: widths[t] for t in ("q_proj", "v_proj")}
     for name, out, rank in (("a", qv, 2), ("b", widths, 1), ("c", qv, 3)):
@@ -386,6 +396,19 @@ def _demo(cfg: PoolConfig):
     t = pool.kernel_tables(["a", "c"])["v_proj"]
     print(f"kernel tables for v_proj, slots [base, a, c]: ranks {t.ranks.tolist()} a_start "
           f"{t.a_start.tolist()} b_start {t.b_start.tolist()} page_ids {t.page_ids.tolist()}")
+    if picture:
+        pool.allocate_kv(3, 6)
+        write_picture(pool, picture, "the demo's pool at its end")
+
+
+def write_picture(pool: UnifiedPool, path: str, title: str):
+    """pool_view's picture to `path` and, beside it (.json), each page's owner."""
+    with open(path, "w") as f:
+        f.write(pool_view.svg(pool, columns=16, cell=18, title=title))
+    owners = [None if o is None else f"{o[0]} {o[1]}" for o in pool_view.page_owners(pool)]
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump({"pages": pool.cfg.n_pages, "owners": owners, **asdict(pool.stats())}, f, indent=1)
+    print(f"wrote {path} and its numbers beside it")
 
 
 def _demo_wide_rows(cfg: PoolConfig):
@@ -399,6 +422,6 @@ def _demo_wide_rows(cfg: PoolConfig):
 
 
 if __name__ == "__main__":
-    demo_cfg, = cli.parse([PoolConfig], "Show the unified pool (S-LoRA section 4) at work.")
-    _demo(demo_cfg)
+    demo_cfg, pic = cli.parse([PoolConfig, PictureConfig], "Show the unified pool (S-LoRA section 4) at work.")
+    _demo(demo_cfg, pic.picture)
     _demo_wide_rows(demo_cfg)

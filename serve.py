@@ -18,8 +18,9 @@ variation cv, adapter popularity drawn from numpy's power distribution with expo
 Synthetic adapters are random rank-r adapters on q, k, v, o; real PEFT adapters join with
 `--adapter name=path` (`--host-adapters N`: at most N of these in host memory, the others read from
 their files when loaded; the synthetic ones have no files and stay, views of one random bank).
-`--tp N` runs slora and base over N processes (tp.py); `--vs-peft` times the engine against
-transformers + PEFT's mixed-adapter generate (vs_peft.py).
+`--tp N` runs slora and base over N processes (tp.py; spawned, or torchrun's), and under torchrun
+the server too (tp_serve.py: rank 0 serves, every rank steps its shard); `--vs-peft` times the
+engine against transformers + PEFT's mixed-adapter generate (vs_peft.py).
 Simplified: arrivals are replayed on the wall clock of one process; random base weights unless
 `--base` names a checkpoint (the server's default is the real SmolLM2).
 Demo: `python serve.py --adapters 20 --duration 3 --layers 4`; `python serve.py --port 8000`.
@@ -39,6 +40,7 @@ import cli
 import kernel_bench
 import server
 import tp
+import tp_serve
 import vs_peft
 from adapters import HostAdapter, target_widths
 from baselines import ENGINES
@@ -301,21 +303,49 @@ def _interrupt(signum, frame):
 
 def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig, net: server.NetworkConfig):
     """Load the base model and the adapters, serve them over HTTP until Ctrl-C or SIGTERM, then
-    stop cleanly: running requests get a few seconds to finish, the others end with the reason."""
-    if b.tp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("serve.py: --port serves from one process on one device; tensor "
-                         "parallelism (--tp, or torchrun) is implemented for the benchmark only: "
-                         "drop --tp and torchrun, or drop --port")
+    stop cleanly: running requests get a few seconds to finish, the others end with the reason.
+    Under torchrun with --tp N: every rank holds its shard, rank 0 serves (tp_serve.py)."""
+    if "WORLD_SIZE" in os.environ or b.tp > 1:
+        if "WORLD_SIZE" not in os.environ:
+            raise SystemExit(f"serve.py: the server over tensor parallelism runs under torchrun: "
+                             f"torchrun --standalone --nproc-per-node {b.tp} serve.py --port "
+                             f"{s.port} --tp {b.tp} ...")
+        try:
+            tp.launch(b.tp, _serve_on_device, s, b, e, net, device_type=b.device)
+        except tp.TensorParallelError as err:
+            raise SystemExit(f"serve.py: {err}")
+        return
     torch.set_num_threads(b.threads)
     try:
         device, _ = placement(b.device, b.dtype)
     except ValueError as err:
         raise SystemExit(f"serve.py: {err}")
+    model, tok, base_id = _served_model(b)
+    model.to(device)
+    _serve(Engine(model, tok.eos_id, **asdict(e)), tok, base_id, s, b, net)
+
+
+def _served_model(b: BenchConfig) -> tuple:
+    """(model, tokenizer, the model's id: the file or folder name, e.g. SmolLM2-135M-Instruct)."""
     path = b.base or default_model_path()
     model, tok = load_model(path, b.dtype, b.ignore_config_key)
-    model.to(device)
-    base_id = os.path.basename(os.path.normpath(path)).split(".")[0]  # SmolLM2-135M-Instruct
-    engine = Engine(model, tok.eos_id, **asdict(e))
+    return model, tok, os.path.basename(os.path.normpath(path)).split(".")[0]
+
+
+def _serve_on_device(comm: tp.Comm, s: ServerConfig, b: BenchConfig, e: EngineConfig,
+                     net: server.NetworkConfig):
+    """One rank of the server over tensor parallelism: its shard; rank 0 serves, the others follow."""
+    model, tok, base_id = _served_model(b)
+    model.to(comm.device)
+    engine = tp_serve.ReplicatedEngine(model, comm, tp.shard_model(model, comm), tok.eos_id, **asdict(e))
+    if comm.rank != 0:
+        return tp_serve.follow(engine)
+    _serve(engine, tok, base_id, s, b, net)
+    engine.stop()                                  # the others return from follow
+
+
+def _serve(engine: Engine, tok, base_id: str, s: ServerConfig, b: BenchConfig,
+           net: server.NetworkConfig):
     try:
         for name, adapter_path in (kv.split("=", 1) for kv in b.adapter):
             engine.add_adapter(name, adapter_path)
@@ -327,12 +357,16 @@ def serve_http(s: ServerConfig, b: BenchConfig, e: EngineConfig, net: server.Net
     if net.key() is None and s.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: {s.host} is reachable from the network and no --api-key is set", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM stops as Ctrl-C does
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        while True:
-            time.sleep(3600)
+        while httpd.loop.fatal is None:
+            time.sleep(0.2)
     except KeyboardInterrupt:
         print("shutting down: running requests get 5 s to finish", flush=True)
         server.stop_server(httpd, grace_s=5.0)
+        return
+    server.stop_server(httpd, grace_s=0.0)
+    raise SystemExit(f"serve.py: the engine stopped: {httpd.loop.fatal}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ LoRAX and SGLang. One engine thread steps the engine, HTTP threads submit and re
     POST /v1/chat/completions    messages rendered with ChatML (SmolLM2's template)
     POST /v1/load_lora_adapter   {"lora_name", "lora_path"}: register (or replace) a PEFT adapter
     POST /v1/unload_lora_adapter {"lora_name"}: deferred while requests use it (they finish)
-    GET  /v1/models, /health, /metrics (Prometheus text)
+    GET  /v1/models, /health, /metrics (Prometheus text), /pool (the pool drawn, pool_view.py)
 
 Streaming sends one chunk per decoded piece of text, never half a UTF-8 character: each step
 decodes only the ids not yet turned into text, and holds them back until they end in a whole
@@ -111,7 +111,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         routes = {"/health": lambda: self._json(200, {"status": "ok"}),
                   "/v1/models": lambda: self._json(200, self.server.loop.models()),
-                  "/metrics": lambda: self._text(200, self.server.loop.metrics())}
+                  "/metrics": lambda: self._text(200, self.server.loop.metrics()),
+                  "/pool": lambda: self._send(200, self.server.loop.pool_page().encode(),
+                                              "text/html; charset=utf-8")}
         self._route(routes)
 
     def do_POST(self):
@@ -147,9 +149,10 @@ class Handler(BaseHTTPRequestHandler):
                   flush=True)
 
     def _authorize(self):
-        """With an API key, every route but /health (and /metrics if opened) needs it."""
+        """With an API key, every route but /health (and /metrics, /pool if opened) needs it."""
         key, given = self.server.net.key(), self.headers.get("Authorization", "")
-        if key is None or self.path == "/health" or self.path == "/metrics" and self.server.net.open_metrics:
+        if key is None or self.path == "/health" or (self.path in ("/metrics", "/pool")
+                                                     and self.server.net.open_metrics):
             return
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise ApiError(401, "Incorrect API key provided" if given else "You didn't provide an "

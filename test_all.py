@@ -45,6 +45,7 @@ import http_bench  # noqa: E402
 import tp  # noqa: E402
 import vs_peft  # noqa: E402
 import multi_train  # noqa: E402
+import paging  # noqa: E402
 import train  # noqa: E402
 import trainer  # noqa: E402
 import decode  # noqa: E402
@@ -2899,15 +2900,17 @@ if __name__ == "__main__":
 
 
 
-def test_the_http_server_refuses_tensor_parallelism_by_name(monkeypatch):
-    """--port with --tp N, or under torchrun, would serve from one device (or several servers on
-    one port): refused before any model is loaded, naming the flags."""
+def test_the_http_server_over_tensor_parallelism_needs_torchrun(monkeypatch):
+    """--port with --tp N outside torchrun says how to launch it; under torchrun a --tp unlike
+    the number of processes is refused by name; both before any model is loaded."""
     net = server.NetworkConfig()
-    with pytest.raises(SystemExit, match="--port serves from one process.*drop --tp"):
+    with pytest.raises(SystemExit, match="runs under torchrun: torchrun --standalone --nproc-per-node 2"):
         serve.serve_http(serve.ServerConfig(port=0), serve.BenchConfig(tp=2), E.EngineConfig(), net)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="benchmark only"):
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match="--tp 1, but torchrun started 2 processes"):
         serve.serve_http(serve.ServerConfig(port=0), serve.BenchConfig(), E.EngineConfig(), net)
+
 
 def _mlp_rank(comm, root, out):
     model = mlp_llama()
@@ -3298,6 +3301,61 @@ def test_repeated_benchmark_reports_median_and_range_of_each_ratio(capsys):
     assert "slora / base throughput over 3 runs: median 0.50x, range 0.25-1.00x" in capsys.readouterr().out
 
 
+def _chromium() -> str:
+    """The system's Chromium, installed from Debian's packages when missing (as root); the test
+    is skipped, saying why, where neither works."""
+    path = shutil.which("chromium")
+    if path is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=900)
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("no Chromium here, and `apt-get install chromium` could not install it")
+    return path
+
+
+def test_pool_page_in_a_real_browser_shows_the_pages_of_a_running_request(http_adapters, monkeypatch):
+    """GET /pool, loaded by headless Chromium while a request runs: a square per page, those of
+    the request's KV cache and of its adapter r3 among them, r3 listed as in the pool with one
+    request; /metrics says the same as labelled series."""
+    base, root = http_adapters
+    assert alone(new_engine(base, root, ["r3"]), list(b"hello"), "r3", 300)[1] == "length"
+    with serving(http_adapters, open_metrics=True) as (url, httpd):
+        engine, step = httpd.loop.engine, httpd.loop.engine.step
+        monkeypatch.setattr(engine, "step", lambda: time.sleep(0.03) or step())   # a slow model
+        body = {"model": "r3", "prompt": "hello", "max_tokens": 300, "temperature": 0}
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(call, url, "/v1/completions", body)
+            while engine.pool.stats().kv == 0:
+                time.sleep(0.01)
+            dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                                  "--dump-dom", url + "/pool"], capture_output=True, text=True,
+                                 timeout=120).stdout
+            metrics = call(url, "/metrics")[1]
+            assert running.result()[0] == 200
+    pages = re.findall(r'<rect class="page" data-owner="([^"]+)"', dom)
+    assert len(pages) == engine.pool.cfg.n_pages
+    assert any(p.startswith("request ") for p in pages) and "adapter r3" in pages
+    assert re.search(r"<td>r3</td><td>pool</td><td>1</td><td>\d+</td>", dom)
+    assert re.search(r"<td>r1</td><td>host</td><td>0</td><td>0</td>", dom)
+    assert 'slora_adapter_resident{name="r3",tier="pool"} 1' in metrics
+    assert 'slora_adapter_requests{name="r3"} 1' in metrics
+
+
+def test_pool_picture_is_the_pools_owners(tmp_path):
+    """paging.write_picture: one square per page coloured by owner, and the owners as JSON."""
+    cfg = PoolConfig(n_layers=1, n_pages=12, dim=8, tokens_per_page=2)
+    pool = UnifiedPool(cfg)
+    pool.register(HostAdapter.random("a", 1, 8, {"q_proj": 8}, 2, seed=0))
+    pool.acquire("a")
+    pool.allocate_kv(7, 3)
+    paging.write_picture(pool, str(tmp_path / "p.svg"), "test")
+    owners = json.loads((tmp_path / "p.json").read_text())["owners"]
+    svg = (tmp_path / "p.svg").read_text()
+    assert owners.count("adapter a") == 4 and owners.count("request 7") == 2 * len(pool.blocks[7])
+    assert owners.count(None) == 12 - 4 - 2 * len(pool.blocks[7])
+    assert re.findall(r'data-owner="([^"]+)"', svg) == [o or "free" for o in owners]
+
+
 # ------------------------------------------------------------------ the server on a network (engine_loop.py, server.py)
 
 def raw(address, data: bytes = b"", wait: float = 10.0) -> bytes:
@@ -3520,6 +3578,100 @@ def test_sigterm_stops_the_server_as_ctrl_c_does():
     finally:
         p.kill()
     assert p.returncode == 0 and "shutting down" in out, out
+
+
+# ------------------------------------------------------------------ the server over tensor parallelism (tp_serve.py)
+
+TP_SERVER = """import os, pathlib, sys, time
+sys.path.insert(0, {here!r})
+import server, test_all, tp, tp_serve
+from tokenizer import ByteTokenizer
+
+def serve_rank(comm, root, out):
+    model = test_all.tiny_llama(seed=5)
+    engine = tp_serve.ReplicatedEngine(model, comm, tp.shard_model(model, comm), test_all.EOS,
+                                       pool_pages=400)
+    (out / f"pid{{comm.rank}}").write_text(str(os.getpid()))
+    if comm.rank:
+        return tp_serve.follow(engine)
+    for name in ("r1", "r2", "r3", "r4"):
+        engine.add_adapter(name, str(root / name))
+    httpd = server.start_server(engine, ByteTokenizer(), "tiny", port=0,
+                                net=server.NetworkConfig(adapter_dir=[str(root)]))
+    (out / "port").write_text(str(httpd.server_address[1]))
+    while not (out / "stop").exists() and httpd.loop.fatal is None:
+        time.sleep(0.05)
+    server.stop_server(httpd, grace_s=2.0)
+    if httpd.loop.fatal:
+        raise SystemExit(httpd.loop.fatal)
+    engine.stop()
+
+if __name__ == "__main__":
+    root, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+    tp.launch(2, serve_rank, root, out, timeout_s=60, device_type="cpu")
+"""
+
+
+def _tp_server(tmp_path, root):
+    """The server on two gloo ranks under torchrun: (process, base url)."""
+    here = os.path.dirname(os.path.realpath(tp.__file__))
+    script = tmp_path / "serve_ranks.py"
+    script.write_text(TP_SERVER.format(here=here))
+    proc = _torchrun(["--standalone", "--nproc-per-node", "2"], script, root, tmp_path)
+    deadline = time.monotonic() + 90
+    while not (tmp_path / "port").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.1)
+    time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{(tmp_path / 'port').read_text()}"
+
+
+def test_the_server_over_two_ranks_answers_as_one_device(http_adapters, tmp_path):
+    """torchrun, 2 ranks, rank 0 serving: 16 concurrent clients over 4 adapters and the base get
+    the text of one device; an adapter loaded over HTTP reaches both ranks (the merged model's
+    tokens); stop ends every rank with exit status 0."""
+    base, root = http_adapters
+    proc, url = _tp_server(tmp_path, root)
+    g, names = torch.Generator().manual_seed(3), [None, "r1", "r2", "r3", "r4"]
+    jobs = [(torch.randint(0, 256, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g).tolist(),
+             names[i % 5], 2 + i % 6) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda job: call(url, "/v1/completions", {
+            "model": job[1] or "tiny", "prompt": job[0], "max_tokens": job[2], "temperature": 0}), jobs))
+    engines = {name: new_engine(base, root, [name] if name else []) for name in names}
+    for (prompt, name, n), (status, body) in zip(jobs, results):
+        assert status == 200, body
+        assert body["choices"][0]["text"] == alone(engines[name], prompt, name, n)[0]
+    assert call(url, "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": str(root / "r6")})[0] == 200
+    status, body = call(url, "/v1/completions", {"model": "new", "prompt": [5, 6, 7], "max_tokens": 6,
+                                                 "temperature": 0})
+    want = [t for t in merged_alone(base, root, [5, 6, 7], "r6", 6) if t != EOS]
+    assert status == 200 and body["choices"][0]["text"] == ByteTokenizer().decode(want)
+    status, err = call(url, "/v1/completions", {"model": "r1", "prompt": "a", "temperature": 0.7})
+    assert status == 400 and "greedily" in err["error"]["message"]
+    (tmp_path / "stop").touch()
+    assert proc.wait(timeout=60) == 0, proc.stdout.read()
+
+
+def test_the_server_over_two_ranks_ends_with_an_error_when_a_rank_dies(http_adapters, tmp_path):
+    """A rank killed: the next step's collective fails on rank 0, the request in flight fails
+    (500, naming the tensor-parallel group), and the whole server ends non-zero within seconds."""
+    base, root = http_adapters
+    proc, url = _tp_server(tmp_path, root)
+    assert call(url, "/v1/completions", {"model": "r2", "prompt": "hi", "max_tokens": 2,
+                                         "temperature": 0})[0] == 200
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        status, err = call(url, "/v1/completions", {"model": "r2", "prompt": "hi", "max_tokens": 50,
+                                                    "temperature": 0})
+        assert status in (500, 503), err
+    except (urllib.error.URLError, ConnectionError):
+        pass                                    # the server was already gone
+    assert proc.wait(timeout=60) != 0
+    assert time.monotonic() - start < 60
+    output = proc.stdout.read()
+    assert "tensor-parallel group failed" in output or "SIGKILL" in output, output[-3000:]
 
 
 # ------------------------------------------------------------------ devices, dtypes, presets, GPU check

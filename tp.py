@@ -38,8 +38,8 @@ first of the row's ceil(ffn_dim / H) pages, the last ones stay empty; an error i
 group (engine.py survives it on one device; here the peers would wait in collectives).
 Launch: `python serve.py --tp 2` spawns the processes on this machine; `torchrun --nproc-per-node 2
 serve.py --tp 2` (and `--nnodes`, one node or several) starts them itself, and each joins the
-group from torchrun's environment (`join`, env://). The HTTP server (serve.py --port) runs on one
-device: the server over tensor parallelism is not implemented, and asked for it is refused.
+group from torchrun's environment (`join`, env://). The HTTP server over these ranks, whose
+submissions reach rank 0 only, is tp_serve.py (under torchrun).
 Demo: `python serve.py --tp 2 --adapters 100`; `python tp.py --world 2` (what each device holds).
 Letters: W devices, k this device, N tokens of a step, L layers, H model dim, r adapter rank,
 c = ceil(r / W).
@@ -181,7 +181,7 @@ class Comm:
 
     def __init__(self, rank: int, world: int, device: torch.device):
         self.rank, self.world, self.device = rank, world, device
-        self.bytes = {"base": 0, "lora": 0, "clock": 0}
+        self.bytes = {"base": 0, "lora": 0, "clock": 0, "control": 0}
 
     def all_reduce(self, t, kind):
         """Sum over devices, in place."""
@@ -352,6 +352,8 @@ def join(world: int, fn, *args, timeout_s: float, device_type: str):
                             timeout=timedelta(seconds=timeout_s))
     try:
         fn(Comm(rank, world, device), *args)
+    except TensorParallelError:
+        raise
     except Exception as e:
         raise TensorParallelError(f"rank {rank}: {type(e).__name__}: {e}") from e
     finally:
