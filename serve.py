@@ -30,13 +30,14 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 import cli
+import figures
 import kernel_bench
 import server
 import tp
@@ -87,6 +88,11 @@ class BenchConfig:
                                      "cache and adapter pages) and the activations")
     vs_peft: bool = cli.flag(False, "time the engine against PEFT's mixed-adapter generate on the "
                                     "real model (needs transformers and peft; --repeat: runs each)")
+    figure5: Optional[str] = cli.flag(None, "draw S-LoRA's Figure 5 from live runs to this file: "
+                                            "throughput and mean latency of every mode against "
+                                            "--figure-adapters (needs matplotlib; numbers in .json "
+                                            "beside it)", str)
+    figure_adapters: str = cli.flag("5,100,1000", "--figure5: the adapter counts, comma separated")
 
 
 @dataclass
@@ -231,8 +237,9 @@ def base_model(b: BenchConfig) -> Llama:
     return Llama(ModelConfig(n_layers=b.layers)).to(getattr(torch, b.dtype)).eval()
 
 
-def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[Dict[str, dict]]:
-    """Replay the trace over b.modes and print the report (rank 0 prints it under --tp)."""
+def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[List[Dict[str, dict]]]:
+    """Replay the trace over b.modes --repeat times and print the report (rank 0 prints it under
+    --tp); the rows of every run (None under --tp)."""
     modes = b.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -259,7 +266,26 @@ def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[Dict[
     report(runs[-1], model)
     if b.repeat > 1:
         report_repeats(runs)
-    return runs[-1]
+    return runs
+
+
+def figure5(b: BenchConfig, t: TraceConfig, e: EngineConfig):
+    """S-LoRA's Figure 5 from live runs: the benchmark at each --figure-adapters count."""
+    figures.require_matplotlib("--figure5")
+    if b.tp > 1:
+        raise SystemExit("--figure5 runs on one device (drop --tp)")
+    try:
+        counts = [int(n) for n in b.figure_adapters.split(",")]
+    except ValueError:
+        raise SystemExit(f"--figure-adapters {b.figure_adapters!r}: expected counts such as 5,100,1000")
+    points = {}
+    for n in counts:
+        print(f"\n--figure5: {n} adapters", flush=True)
+        runs = benchmark(b, replace(t, adapters=n), e)
+        points[n] = {mode: [run[mode] for run in runs] for mode in runs[0]}
+    title = (f"S-LoRA Figure 5 from serve.py: {b.layers}-layer model of SmolLM2's shape, "
+             f"{t.rate:g} req/s for {t.duration:g} s, ranks {t.ranks}, {b.repeat} run(s) per point")
+    print(f"wrote {b.figure5} and {figures.figure5(points, b.figure5, title)}")
 
 
 def report_repeats(runs: List[Dict[str, dict]]):
@@ -380,5 +406,7 @@ if __name__ == "__main__":
         serve_http(server_cfg, bench_cfg, engine_cfg, net_cfg)
     elif bench_cfg.vs_peft:
         vs_peft.compare(bench_cfg.base, bench_cfg.threads, bench_cfg.repeat, engine_cfg)
+    elif bench_cfg.figure5:
+        figure5(bench_cfg, trace_cfg, engine_cfg)
     else:
         benchmark(bench_cfg, trace_cfg, engine_cfg)

@@ -2354,6 +2354,20 @@ def test_peft_side_finds_the_pypi_kernels_package_not_ours(monkeypatch, tmp_path
                           "kernels": str(site / "kernels" / "__init__.py")}
     assert side.proc.returncode == 0
 
+def test_figure5_needs_matplotlib_and_summarises_runs_by_median_and_range(monkeypatch):
+    """--figure5 without matplotlib stops before any replay, saying how to install it; the
+    numbers it plots are each mode's median and range over the runs, per adapter count."""
+    import figures
+    monkeypatch.setattr(figures.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        serve.figure5(serve.BenchConfig(figure5="x.svg", modes="no-such-mode"), serve.TraceConfig(),
+                      E.EngineConfig())
+    points = {100: {"slora": [{"req/s": 3.0}, {"req/s": 1.0}, {"req/s": 2.5}]},
+              5: {"slora": [{"req/s": 4.0}], "bmm": [{"req/s": 2.0}, {"req/s": 1.0}]}}
+    s = figures.summary(points, "req/s")
+    assert s["slora"] == {"adapters": [5, 100], "median": [4.0, 2.5], "low": [4.0, 1.0], "high": [4.0, 3.0]}
+    assert s["bmm"] == {"adapters": [5], "median": [1.5], "low": [1.0], "high": [2.0]}
+
 def test_1000_request_trace_ends_with_every_page_free(served):
     base, root = served
     engine = E.Engine(base, None, pool_pages=150, ttft_slo=0.5, policy="cluster")
