@@ -93,6 +93,10 @@ class BenchConfig:
                                             "--figure-adapters (needs matplotlib; numbers in .json "
                                             "beside it)", str)
     figure_adapters: str = cli.flag("5,100,1000", "--figure5: the adapter counts, comma separated")
+    figure6: Optional[str] = cli.flag(None, "draw S-LoRA's Figure 6 from live runs to this file: "
+                                            "slora with early abort (--slo) against FCFS over "
+                                            "--figure-rates (needs matplotlib)", str)
+    figure_rates: str = cli.flag("2,4,8,16", "--figure6: the request rates, comma separated")
 
 
 @dataclass
@@ -270,14 +274,8 @@ def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[List[
 
 
 def figure5(b: BenchConfig, t: TraceConfig, e: EngineConfig):
-    """S-LoRA's Figure 5 from live runs: the benchmark at each --figure-adapters count."""
-    figures.require_matplotlib("--figure5")
-    if b.tp > 1:
-        raise SystemExit("--figure5 runs on one device (drop --tp)")
-    try:
-        counts = [int(n) for n in b.figure_adapters.split(",")]
-    except ValueError:
-        raise SystemExit(f"--figure-adapters {b.figure_adapters!r}: expected counts such as 5,100,1000")
+    """S-LoRA's Figure 5 from live runs: every mode at each --figure-adapters count."""
+    counts = _figure_xs("--figure5", b, "figure_adapters", int)
     points = {}
     for n in counts:
         print(f"\n--figure5: {n} adapters", flush=True)
@@ -286,6 +284,34 @@ def figure5(b: BenchConfig, t: TraceConfig, e: EngineConfig):
     title = (f"S-LoRA Figure 5 from serve.py: {b.layers}-layer model of SmolLM2's shape, "
              f"{t.rate:g} req/s for {t.duration:g} s, ranks {t.ranks}, {b.repeat} run(s) per point")
     print(f"wrote {b.figure5} and {figures.figure5(points, b.figure5, title)}")
+
+
+def figure6(b: BenchConfig, t: TraceConfig, e: EngineConfig):
+    """S-LoRA's Figure 6 from live runs: slora with early abort against FCFS at each rate."""
+    rates = _figure_xs("--figure6", b, "figure_rates", float)
+    variants = {f"early abort (SLO {b.slo:g} s)": replace(e, ttft_slo=b.slo),
+                "FCFS, no abort": replace(e, ttft_slo=None)}
+    points = {}
+    for rate in rates:
+        points[rate] = {}
+        for label, cfg in variants.items():
+            print(f"\n--figure6: {rate:g} requests/s, {label}", flush=True)
+            runs = benchmark(replace(b, modes="slora"), replace(t, rate=rate), cfg)
+            points[rate][label] = [run["slora"] for run in runs]
+    title = (f"S-LoRA Figure 6 from serve.py: slora, {t.adapters} adapters, {b.layers}-layer "
+             f"model, {t.duration:g} s of arrivals, {b.repeat} run(s) per point")
+    print(f"wrote {b.figure6} and {figures.figure6(points, b.figure6, title)}")
+
+
+def _figure_xs(flag: str, b: BenchConfig, field: str, kind) -> list:
+    figures.require_matplotlib(flag)
+    if b.tp > 1:
+        raise SystemExit(f"{flag} runs on one device (drop --tp)")
+    text = getattr(b, field)
+    try:
+        return [kind(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--{field.replace('_', '-')} {text!r}: expected numbers, comma separated")
 
 
 def report_repeats(runs: List[Dict[str, dict]]):
@@ -406,7 +432,7 @@ if __name__ == "__main__":
         serve_http(server_cfg, bench_cfg, engine_cfg, net_cfg)
     elif bench_cfg.vs_peft:
         vs_peft.compare(bench_cfg.base, bench_cfg.threads, bench_cfg.repeat, engine_cfg)
-    elif bench_cfg.figure5:
-        figure5(bench_cfg, trace_cfg, engine_cfg)
+    elif bench_cfg.figure5 or bench_cfg.figure6:
+        (figure5 if bench_cfg.figure5 else figure6)(bench_cfg, trace_cfg, engine_cfg)
     else:
         benchmark(bench_cfg, trace_cfg, engine_cfg)

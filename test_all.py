@@ -1187,6 +1187,22 @@ def test_train_py_trains_one_adapter_per_data_file_in_one_batch(tmp_path, monkey
     assert results["runs"][0]["losses"] != results["runs"][1]["losses"]
 
 
+def test_repeatable_flags_parse_from_the_command_line(tmp_path):
+    """--data and --ignore-config-key given several times reach the config as lists (and count
+    as given, so --preset does not override them)."""
+    cfg = train.parse_args(["--data", "a.jsonl", "--data", "b.jsonl:rank=8,targets=q,v",
+                            "--ignore-config-key", "foo", "--out", str(tmp_path)])
+    assert cfg.data == ["a.jsonl", "b.jsonl:rank=8,targets=q,v"] and cfg.ignore_config_key == ["foo"]
+    assert {"data", "ignore_config_key", "device"} <= train.given_flags(
+        ["--data", "a.jsonl", "--ignore-config-key", "foo", "--device", "cpu"])
+
+def test_plot_without_matplotlib_is_a_usage_error_before_any_work(monkeypatch, capsys, no_model):
+    import figures
+    monkeypatch.setattr(figures.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args(["--plot", "--steps", "1"])
+    assert stopped.value.code == 2 and "--plot draws with matplotlib" in capsys.readouterr().err
+
 @pytest.mark.parametrize("specs, words", [
     (["{a}", "{a}"], "adapter names given twice: a"),
     (["{a}", "{a}:rank=0,name=b"], "--data {a}: rank=0 must be at least 1"),
@@ -2365,8 +2381,8 @@ def test_figure5_needs_matplotlib_and_summarises_runs_by_median_and_range(monkey
     points = {100: {"slora": [{"req/s": 3.0}, {"req/s": 1.0}, {"req/s": 2.5}]},
               5: {"slora": [{"req/s": 4.0}], "bmm": [{"req/s": 2.0}, {"req/s": 1.0}]}}
     s = figures.summary(points, "req/s")
-    assert s["slora"] == {"adapters": [5, 100], "median": [4.0, 2.5], "low": [4.0, 1.0], "high": [4.0, 3.0]}
-    assert s["bmm"] == {"adapters": [5], "median": [1.5], "low": [1.0], "high": [2.0]}
+    assert s["slora"] == {"x": [5, 100], "median": [4.0, 2.5], "low": [4.0, 1.0], "high": [4.0, 3.0]}
+    assert s["bmm"] == {"x": [5], "median": [1.5], "low": [1.0], "high": [2.0]}
 
 def test_1000_request_trace_ends_with_every_page_free(served):
     base, root = served

@@ -29,12 +29,13 @@ import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import List, Optional
 
 import torch
 
 import cli
+import figures
 import multi_train
 from checkpoints import Tokenizer, load_model, placement, save_hf
 from decode import DecodeConfig, generate_outputs
@@ -57,6 +58,9 @@ class TrainConfig(LoopConfig, DecodeConfig):
                            "dropout=,seed= sets that adapter's own values)")
     adapters: int = flag(1, "E2E: train this many adapters in one batch, seeds --seed, --seed + 1, "
                             "...; with --bench-multi: how many to time (default 4)")
+    plot: bool = flag(False, "draw the loss curves beside results.json (loss.svg) and, with "
+                             "--sweep, the rank x targets BLEU table as a heatmap (sweep.svg); "
+                             "needs matplotlib")
     bench_multi: bool = flag(False, "time adapters trained in one batch against one after another "
                              "(multi_train.bench) on random E2E-shaped rows, then stop")
     e2e_dir: Optional[str] = flag(None, "folder of the E2E CSV files (default $E2E_DATA, else "
@@ -140,6 +144,11 @@ def check_flags(cfg: TrainConfig):
     if cfg.data and (cfg.sweep or cfg.adapter):
         raise UsageError(f"--{'sweep' if cfg.sweep else 'adapter'} belongs to the E2E experiment, "
                          "not to --data")
+    try:
+        if cfg.plot:
+            figures.require_matplotlib("--plot")
+    except SystemExit as e:
+        raise UsageError(str(e)) from None
     try:
         if is_multi(cfg) and not cfg.bench_multi:
             return check_multi(cfg)
@@ -446,6 +455,8 @@ def main(cfg: TrainConfig, log=print) -> dict:
         run = (run_bench_multi if cfg.bench_multi else run_multi if is_multi(cfg)
                else run_data if cfg.data else run_e2e)
         run(cfg, results, log)
+        if cfg.plot:
+            write_plots(cfg, results, log)
     except BaseException as e:                       # KeyboardInterrupt too: keep what was done
         results["failed"] = f"{type(e).__name__}: {e}"
         raise
@@ -454,12 +465,27 @@ def main(cfg: TrainConfig, log=print) -> dict:
     return results
 
 
+def write_plots(cfg: TrainConfig, results: dict, log=print):
+    """--plot: every run's losses (loss.svg) and, after --sweep, its BLEU heatmap (sweep.svg)."""
+    runs = [r for r in results.get("runs", []) if r.get("losses")]
+    label = lambda r: r.get("name") or f"{r['method']} r={r['rank']} {r['targets']}"   # noqa: E731
+    figures.loss_curves({label(r): r for r in runs}, os.path.join(cfg.out, "loss.svg"),
+                        "training and validation loss")
+    if cfg.sweep:
+        figures.heatmap({(r["rank"], r["targets"]): r["BLEU"] for r in runs if "BLEU" in r},
+                        os.path.join(cfg.out, "sweep.svg"), "E2E BLEU of the rank study",
+                        "rank r", "adapted matrices")
+    log(f"wrote {os.path.join(cfg.out, 'loss.svg')}{' and sweep.svg' if cfg.sweep else ''}")
+
+
 def given_flags(argv=None) -> set:
     """The config fields set on the command line (argv, or sys.argv), whatever their value."""
     probe, unset = argparse.ArgumentParser(add_help=False), object()   # a default no flag gives
     cli.add_flags(probe, TrainConfig)
-    probe.set_defaults(**{f.name: unset for f in fields(TrainConfig)})
-    return {k for k, v in vars(probe.parse_known_args(argv)[0]).items() if v is not unset}
+    probe.set_defaults(**{f.name: None if f.default is MISSING else unset   # lists: append to None
+                          for f in fields(TrainConfig)})
+    return {k for k, v in vars(probe.parse_known_args(argv)[0]).items() if v is not unset
+            and v is not None}
 
 
 def apply_preset(cfg: TrainConfig, given: set) -> TrainConfig:
