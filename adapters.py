@@ -337,7 +337,8 @@ class AdapterRegistry:
             resident, weights = self.pool.resident.get(key), self.pool.host[key].weights
             on_disk = isinstance(weights, OnDisk) and weights.serial not in self.host_store.copies
             tier = "pool" if resident else "disk" if on_disk else "host"
-            out[name] = (tier, self.users[key], sum(map(len, resident.pages.values())) if resident else 0)
+            pages = sum(map(len, resident.pages.values())) if resident else 0
+            out[name] = (tier, self.users[key], pages)
         return out
 
     def in_host_memory(self) -> int:

@@ -222,16 +222,19 @@ class EngineLoop:
             lines += [f"# HELP slora_{name} {help}", f"# TYPE slora_{name} gauge", f"slora_{name} {value}"]
         lines += ["# HELP slora_adapter_resident where an adapter's weights are: tier pool, host "
                   "or disk", "# TYPE slora_adapter_resident gauge"]
-        lines += [f'slora_adapter_resident{{name="{_label(n)}",tier="{t}"}} 1' for n, (t, _, _) in where.items()]
+        lines += [f'slora_adapter_resident{{name="{_label(n)}",tier="{t}"}} 1'
+                  for n, (t, _, _) in where.items()]
         lines += ["# HELP slora_adapter_requests requests using an adapter",
                   "# TYPE slora_adapter_requests gauge"]
-        lines += [f'slora_adapter_requests{{name="{_label(n)}"}} {u}' for n, (_, u, _) in where.items()]
+        lines += [f'slora_adapter_requests{{name="{_label(n)}"}} {u}'
+                  for n, (_, u, _) in where.items()]
         return "\n".join(lines) + "\n"
 
     def pool_page(self) -> str:
         """GET /pool: the unified pool drawn page by page (pool_view.py)."""
         with self.lock:
-            return pool_view.html(self.engine.pool, self.engine.registry.where(), self.engine.metrics())
+            engine = self.engine
+            return pool_view.html(engine.pool, engine.registry.where(), engine.metrics())
 
     def _run(self):
         while True:

@@ -22,8 +22,8 @@ from typing import Dict, List
 
 def require_matplotlib(flag: str):
     if importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit(f"{flag} draws with matplotlib, which is not a dependency of this project: "
-                         f"pip install matplotlib")
+        raise SystemExit(f"{flag} draws with matplotlib, which is not a dependency of this "
+                         f"project: pip install matplotlib")
 
 
 def summary(points: Dict[float, Dict[str, List[dict]]], key: str) -> Dict[str, dict]:

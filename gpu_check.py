@@ -60,7 +60,7 @@ class CheckConfig:
     device: str = flag("cuda", "cuda; or cpu with --small (the kernels need TRITON_INTERPRET=1)")
     small: bool = flag(False, "tiny sizes: the whole check in seconds on a CPU (tests this script)")
     parts: str = flag("a,b,c,d,e", "the parts to run, comma separated")
-    limits: str = flag("a=90,b=45,c=240,d=45,e=60", "seconds each part may run before it is stopped")
+    limits: str = flag("a=90,b=45,c=240,d=45,e=60", "seconds each part may run before it stops")
     mode_seconds: float = flag(22.0, "(c): seconds one mode's replay may run before it is stopped")
 
 
@@ -349,7 +349,8 @@ def part_e(s: Sizes, device, cfg: CheckConfig, write):
     steps of one adapter each, and the frozen base's share; bfloat16 autocast on a GPU."""
     torch.manual_seed(0)
     model = Llama(s.model).to(device)
-    tcfg = trainer.LoopConfig(batch_size=2, dtype="bfloat16" if device.type == "cuda" else "float32")
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    tcfg = trainer.LoopConfig(batch_size=2, dtype=dtype)
     med = multi_train.bench(model, 4, tcfg, repeat=1 if cfg.small else 3,
                             steps=1 if cfg.small else 5, log=lambda line: None)
     write(f"4 adapters x 2 rows of 40-60 tokens, {tcfg.dtype}, AdamW; medians\n")

@@ -82,7 +82,8 @@ def parse_spec(spec: str) -> tuple:
         try:
             values[key] = kind(values[key]) if key in values else None
         except ValueError:
-            raise SpecError(f"--data {spec}: {key}={values[key]!r} is not {kind.__name__}") from None
+            raise SpecError(f"--data {spec}: {key}={values[key]!r} is not "
+                            f"{kind.__name__}") from None
     return path, {k: v for k, v in values.items() if v is not None}
 
 
@@ -230,14 +231,16 @@ class MultiLoRA:
                           targets=tuple(target_names(c.targets)))
 
     def parameters(self, name: str) -> list:
-        return [p for pair in self.layers[name].values() for p in (pair.lora_A.weight, pair.lora_B.weight)]
+        return [p for pair in self.layers[name].values()
+                for p in (pair.lora_A.weight, pair.lora_B.weight)]
 
     def set_segments(self, segments: List[Segment]):
         for m in self.modules:
             m.segments = segments
 
     def save(self, name: str, path: str):
-        save_adapter(self.net, path, self.lora_config(name), self.net.config.name, self.layers[name])
+        save_adapter(self.net, path, self.lora_config(name), self.net.config.name,
+                     self.layers[name])
 
 
 # ------------------------------------------------------------------ one optimizer step
@@ -257,7 +260,8 @@ def joint_batch(multi: MultiLoRA, parts: Dict[str, tuple]) -> tuple:
     tokens, mask = stack(parts)
     segments, row = [], 0
     for name, (t, _) in parts.items():
-        segments.append(Segment(name, row, row + t.shape[0], t.shape[1] - 1, multi.generators[name]))
+        segments.append(Segment(name, row, row + t.shape[0], t.shape[1] - 1,
+                                multi.generators[name]))
         row += t.shape[0]
     multi.set_segments(segments)
     return tokens, mask, [int(m.sum()) for _, m in parts.values()]
@@ -330,7 +334,8 @@ def train_together(net: Llama, jobs: List[Job], out_dir: Optional[str] = None,
                                       weight_decay=j.cfg.weight_decay) for j in jobs}
     hist = {j.name: {"losses": [], "val_losses": []} for j in jobs}
     if resume:
-        hist = {j.name: restore(multi, j.name, opts[j.name], os.path.join(resume, j.name)) for j in jobs}
+        hist = {j.name: restore(multi, j.name, opts[j.name], os.path.join(resume, j.name))
+                for j in jobs}
     first = len(hist[jobs[0].name]["losses"])
     data = {j.name: batches(j.examples, cfg.batch_size, random.Random(j.cfg.seed),
                             skip=first * cfg.grad_accum) for j in jobs}
@@ -343,7 +348,8 @@ def train_together(net: Llama, jobs: List[Job], out_dir: Optional[str] = None,
         n_tokens += sum(n for parts in micro.values() for _, _, n in parts)
         for j in jobs:
             if j.val and (step % cfg.eval_every == 0 or step == cfg.steps):
-                hist[j.name]["val_losses"].append([step, validation_loss(multi, j.name, cfg.batch_size)])
+                loss = validation_loss(multi, j.name, cfg.batch_size)
+                hist[j.name]["val_losses"].append([step, loss])
         if out_dir and cfg.save_every and step % cfg.save_every == 0:
             log(f"saved {save_checkpoint(multi, opts, hist, out_dir)}")
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -357,8 +363,8 @@ def train_together(net: Llama, jobs: List[Job], out_dir: Optional[str] = None,
 
 
 def progress(step, hist, n_tokens, elapsed, first, cfg: LoopConfig) -> str:
-    losses = "  ".join(f"{n} {sum(h['losses'][-cfg.log_every:]) / len(h['losses'][-cfg.log_every:]):.3f}"
-                       for n, h in hist.items())
+    recent = {n: h["losses"][-cfg.log_every:] for n, h in hist.items()}
+    losses = "  ".join(f"{n} {sum(r) / len(r):.3f}" for n, r in recent.items())
     done = step - first
     return (f"step {step}/{cfg.steps}  loss {losses}  tok/s {n_tokens / elapsed:.0f}  elapsed "
             f"{elapsed / 60:.1f} min  remaining {elapsed / done * (cfg.steps - step) / 60:.1f} min")
@@ -467,10 +473,12 @@ def _report_bench(times: Dict[str, list], n: int, cfg: LoopConfig, log) -> dict:
     med = {k: median(v) for k, v in times.items()}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log(f"{n} adapters x batch {cfg.batch_size} (r={cfg.rank}, {cfg.targets}), "
-        f"{torch.get_num_threads()} thread(s): seconds per optimizer step, medians of {len(times['together'])}")
+        f"{torch.get_num_threads()} thread(s): seconds per optimizer step, medians of "
+        f"{len(times['together'])}")
     for k, v in med.items():
         log(f"  {k:>18}: {v:.3f} s  (runs: {', '.join(f'{t:.3f}' for t in times[k])})")
+    share = 100 * med["frozen base only"] / med["together"]
     log(f"together / one after another: {med['one after another'] / med['together']:.2f}x; the "
-        f"frozen base's forward + backward is {100 * med['frozen base only'] / med['together']:.0f}% "
-        f"of the joint step (the rest: LoRA's products, the loss, AdamW); peak RSS {rss:.0f} MB")
+        f"frozen base's forward + backward is {share:.0f}% of the joint step (the rest: LoRA's "
+        f"products, the loss, AdamW); peak RSS {rss:.0f} MB")
     return {**med, "speedup": med["one after another"] / med["together"], "peak_rss_mb": rss}

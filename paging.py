@@ -348,7 +348,8 @@ class UnifiedPool:
 @dataclass
 class PictureConfig:
     picture: Optional[str] = cli.flag(None, "write the pool after the demo as an SVG picture to "
-                                            "this file (pool_view.py), its numbers beside it as JSON", str)
+                                            "this file (pool_view.py), its owners beside it as "
+                                            "JSON", str)
 
 
 def _demo(cfg: PoolConfig, picture: Optional[str] = None):
@@ -407,7 +408,8 @@ def write_picture(pool: UnifiedPool, path: str, title: str):
         f.write(pool_view.svg(pool, columns=16, cell=18, title=title))
     owners = [None if o is None else f"{o[0]} {o[1]}" for o in pool_view.page_owners(pool)]
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump({"pages": pool.cfg.n_pages, "owners": owners, **asdict(pool.stats())}, f, indent=1)
+        json.dump({"pages": pool.cfg.n_pages, "owners": owners, **asdict(pool.stats())}, f,
+                  indent=1)
     print(f"wrote {path} and its numbers beside it")
 
 
@@ -422,6 +424,7 @@ def _demo_wide_rows(cfg: PoolConfig):
 
 
 if __name__ == "__main__":
-    demo_cfg, pic = cli.parse([PoolConfig, PictureConfig], "Show the unified pool (S-LoRA section 4) at work.")
+    demo_cfg, pic = cli.parse([PoolConfig, PictureConfig],
+                              "Show the unified pool (S-LoRA section 4) at work.")
     _demo(demo_cfg, pic.picture)
     _demo_wide_rows(demo_cfg)

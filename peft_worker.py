@@ -63,7 +63,8 @@ def serve(inp, out):
     setup = json.loads(inp.readline())
     import torch
     torch.set_num_threads(setup["threads"])
-    model = load(setup["hf_dir"], setup["adapters"]) if setup["adapters"] else None  # none: versions only
+    adapters = setup["adapters"]                                   # none: the versions only
+    model = load(setup["hf_dir"], adapters) if adapters else None
     out.write(json.dumps({"ready": versions()}) + "\n")
     out.flush()
     for line in inp:

@@ -53,7 +53,8 @@ def svg(pool, columns: int = 64, cell: int = 10, title: str = "") -> str:
     rows = -(-len(owners) // columns)
     legend = [("free", FREE, owners.count(None))] + [
         (f"{kind} {who}", colour((kind, who), order), n) for (kind, who), n in counts.items()]
-    heading = f"{title or 'unified pool'}: {len(owners)} pages, KV cache and adapter weights in one pool"
+    heading = (f"{title or 'unified pool'}: {len(owners)} pages, KV cache and adapter weights "
+               f"in one pool")
     width, top = max(columns * cell, 7 * len(heading)), 24
     height = top + rows * cell + 8 + 16 * len(legend)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -76,7 +77,8 @@ def html(pool, where: Dict[str, tuple], metrics: Dict[str, tuple]) -> str:
     """GET /pool: the picture, /metrics' counters, and each adapter's tier and users."""
     rows = "".join(f"<tr><td>{html_lib.escape(name)}</td><td>{tier}</td><td>{users}</td>"
                    f"<td>{pages}</td></tr>" for name, (tier, users, pages) in sorted(where.items()))
-    counters = "".join(f"<tr><td>slora_{name}</td><td>{value}</td><td>{html_lib.escape(help)}</td></tr>"
+    counters = "".join(f"<tr><td>slora_{name}</td><td>{value}</td>"
+                       f"<td>{html_lib.escape(help)}</td></tr>"
                        for name, (help, value) in metrics.items())
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" "
             "content=\"1\"><title>S-LoRA unified pool</title><style>body{font-family:sans-serif}"

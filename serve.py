@@ -386,10 +386,12 @@ def _served_model(b: BenchConfig) -> tuple:
 
 def _serve_on_device(comm: tp.Comm, s: ServerConfig, b: BenchConfig, e: EngineConfig,
                      net: server.NetworkConfig):
-    """One rank of the server over tensor parallelism: its shard; rank 0 serves, the others follow."""
+    """One rank of the server over tensor parallelism: its shard; rank 0 serves, the others
+    follow."""
     model, tok, base_id = _served_model(b)
     model.to(comm.device)
-    engine = tp_serve.ReplicatedEngine(model, comm, tp.shard_model(model, comm), tok.eos_id, **asdict(e))
+    shard = tp.shard_model(model, comm)
+    engine = tp_serve.ReplicatedEngine(model, comm, shard, tok.eos_id, **asdict(e))
     if comm.rank != 0:
         return tp_serve.follow(engine)
     _serve(engine, tok, base_id, s, b, net)

@@ -122,8 +122,10 @@ class ReplicatedEngine(ShardedEngine):
         n = int(self.comm.broadcast(n, "control"))
         if n == 0:
             return []
-        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.comm.device)
-               if self.comm.rank == 0 else torch.empty(n, dtype=torch.uint8, device=self.comm.device))
+        if self.comm.rank == 0:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.comm.device)
+        else:
+            buf = torch.empty(n, dtype=torch.uint8, device=self.comm.device)
         return json.loads(bytes(self.comm.broadcast(buf, "control").cpu().tolist()))
 
     def _replay(self, entries: list):
@@ -139,11 +141,10 @@ class ReplicatedEngine(ShardedEngine):
             except Exception as e:
                 mine, why = type(e).__name__, f": {e}"
             if mine != raised or self.tape:
-                what = f"{op} {args[0]!r:.40}"
-                raise TensorParallelError(
-                    f"rank {self.comm.rank}: {what} {'raised ' + mine + why if mine else 'succeeded'}"
-                    f" here, but {'raised ' + raised if raised else 'succeeded'} on rank 0: the "
-                    f"ranks would diverge")
+                here = f"raised {mine}{why}" if mine else "succeeded"
+                there = f"raised {raised}" if raised else "succeeded"
+                raise TensorParallelError(f"rank {self.comm.rank}: {op} {args[0]!r:.40} {here} "
+                                          f"here, but {there} on rank 0: the ranks would diverge")
 
 
 def follow(engine: ReplicatedEngine):

@@ -170,7 +170,8 @@ def check_flags(cfg: TrainConfig):
 
 def is_multi(cfg: TrainConfig) -> bool:
     """Several adapters in one batch (multi_train.py): --adapters N, several --data, or options."""
-    return cfg.adapters > 1 or len(cfg.data) > 1 or any(multi_train.parse_spec(d)[1] for d in cfg.data)
+    return (cfg.adapters > 1 or len(cfg.data) > 1
+            or any(multi_train.parse_spec(d)[1] for d in cfg.data))
 
 
 def check_multi(cfg: TrainConfig):
@@ -398,8 +399,8 @@ def run_multi(cfg: TrainConfig, results: dict, log=print):
     base.to(cfg.device)
     if groups:
         check_fits(base, [tok.encode(f"{mr}\n") for mr, _ in groups], cfg)
-        examples, val = split_validation([encode_example(tok, mr, ref, cfg.seq_len) for mr, ref in rows],
-                                         cfg.val_fraction, cfg.seed)
+        encoded = [encode_example(tok, mr, ref, cfg.seq_len) for mr, ref in rows]
+        examples, val = split_validation(encoded, cfg.val_fraction, cfg.seed)
         jobs = multi_train.seed_jobs(cfg.adapters, examples, val, cfg, "e2e")
     else:
         check_fits(base, [], cfg)
@@ -414,7 +415,8 @@ def run_multi(cfg: TrainConfig, results: dict, log=print):
         h = hist[job.name]
         trainable = sum(p.numel() for p in multi.parameters(job.name))
         row = {"name": job.name, "method": f"lora {job.name}", "rank": job.cfg.rank,
-               "targets": job.cfg.targets, "seed": job.cfg.seed, "trainable": trainable, "final_loss": sum(h["losses"][-10:]) / len(h["losses"][-10:]),
+               "targets": job.cfg.targets, "seed": job.cfg.seed, "trainable": trainable,
+               "final_loss": sum(h["losses"][-10:]) / len(h["losses"][-10:]),
                **h, "checkpoint": path, "checkpoint_mb": folder_mb(path),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if groups:

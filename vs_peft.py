@@ -76,7 +76,8 @@ class PeftSide:
         self.proc = subprocess.Popen([sys.executable, os.path.join(here, "peft_worker.py")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=tempfile.gettempdir())
-        self.ready = self._ask({"hf_dir": hf_dir, "adapters": adapters, "threads": threads})["ready"]
+        setup = {"hf_dir": hf_dir, "adapters": adapters, "threads": threads}
+        self.ready = self._ask(setup)["ready"]
 
     def _ask(self, message: dict) -> dict:
         self.proc.stdin.write(json.dumps(message) + "\n")
