@@ -1203,6 +1203,27 @@ def test_plot_without_matplotlib_is_a_usage_error_before_any_work(monkeypatch, c
         train.parse_args(["--plot", "--steps", "1"])
     assert stopped.value.code == 2 and "--plot draws with matplotlib" in capsys.readouterr().err
 
+def test_e2e_adapters_trained_together_are_scored_as_their_saved_adapters(tmp_path, monkeypatch):
+    """--task e2e --adapters 2: two seeds in one batch, each decoded through the segments of the
+    joint model; its predictions and BLEU equal those of its saved PEFT directory loaded alone."""
+    base, tok, _ = tiny_setup()
+    monkeypatch.setattr(train, "load_model", lambda path, ignore_keys=(): (copy.deepcopy(base), tok))
+    data = e2e_folder(tmp_path, devset=GOOD_CSV, testset_w_refs=GOOD_CSV)
+    cfg = train.TrainConfig(e2e_dir=str(data), out=str(tmp_path / "out"), adapters=2, steps=3,
+                            warmup=1, batch_size=2, lr=3e-2, beam=1, max_new_tokens=8, no_baseline=True)
+    results = train.main(cfg, log=lambda s: None)
+    groups = e2e.group_refs(e2e.read_e2e(str(data / "testset_w_refs.csv")))
+    assert [(r["name"], r["seed"]) for r in results["runs"]] == [("e2e-0", 0), ("e2e-1", 1)]
+    outputs = []
+    for row in results["runs"]:
+        net = copy.deepcopy(base)
+        lora.load_adapter(net, row["checkpoint"])
+        outs, metrics = train.evaluate(net.eval(), tok, groups, cfg, log=lambda s: None)
+        assert (tmp_path / "out" / row["name"] / "predictions.txt").read_text().splitlines() == outs
+        assert row["BLEU"] == metrics["BLEU"]
+        outputs.append(outs)
+    assert outputs[0] != outputs[1]
+
 @pytest.mark.parametrize("specs, words", [
     (["{a}", "{a}"], "adapter names given twice: a"),
     (["{a}", "{a}:rank=0,name=b"], "--data {a}: rank=0 must be at least 1"),
