@@ -1,8 +1,8 @@
 """Many LoRA adapters trained in one batch, with S-LoRA's segments (training's twin of kernels.py).
 
-LoRA (Hu et al. 2021, arXiv 2106.09685, section 4.2) names its own limitation: inputs of tasks
-with different A and B cannot be batched in one forward pass. S-LoRA (arXiv 2311.03285, section
-5) batches them for serving: tokens in segments, each segment with its own adapter, one base GEMM
+LoRA (Hu et al. 2021, arXiv 2106.09685, end of section 4.2) names its own limitation: inputs of
+tasks with different A and B are not simply batched in one forward pass. S-LoRA (arXiv 2311.03285,
+section 5) batches them for serving: tokens in segments, each segment with its own adapter, one base GEMM
 for all. The same holds for training. One optimizer step here takes a joint batch whose rows are
 every adapter's own micro-batch, grouped: adapter 0's rows, then adapter 1's, ... A segment is a
 run of consecutive rows of one adapter (kernels.py's word, for rows of a batch instead of tokens
@@ -15,7 +15,7 @@ own target tokens (trainer.accumulate's normalisation). Rows never mix (attentio
 row, W0 is frozen, the padding at a row's end is never attended), so dL/d(A_s, B_s) = dL_s/d(A_s,
 B_s): each adapter gets exactly the gradient it gets trained alone. It keeps its own AdamW, its
 learning-rate schedule, clipping, dropout generator, validation loss and checkpoints, and is
-saved as its own PEFT directory. mLoRA (arXiv 2312.02515) is the one other system that trains so.
+saved as its own PEFT directory. mLoRA (arXiv 2312.02515) also trains adapters in one batch.
 To equal a run of train.py alone, adapter s draws what that run draws: its A from the global
 generator seeded with its seed (lora.LoRALinear, in add_lora's module order), its dropout masks
 from a generator of that seed, each of the shape its rows have alone (rows padded to its own
@@ -24,7 +24,7 @@ Simplified: on the CPU the segments are a loop of plain torch products through a
 kernels.py runs on a CPU); the Triton shrink/expand with a backward for the GPU are not written.
 Every adapter shares --steps, --warmup, --batch-size, --grad-accum and --dtype; each may set its
 own rank, alpha, targets, lr, dropout and seed.
-Demo: `python train.py --data a.jsonl --data b.jsonl:rank=8,targets=q,v --out runs/multi`;
+Demo: `python train.py --data my.jsonl --data my.jsonl:name=r8,rank=8,targets=q,v --out runs/multi`;
 `python train.py --bench-multi` (together against one after another, medians of 3).
 Letters: B rows, T tokens per row, I in features, O out features, r rank, V vocabulary.
 """
@@ -53,8 +53,6 @@ from trainer import (LoopConfig, autocast, lr_at, make_optimizer, prepare, targe
 
 SPEC_KEYS = {"name": str, "rank": int, "alpha": float, "targets": str, "lr": float,
              "dropout": float, "seed": int}
-SHARED = ("steps", "warmup", "batch_size", "grad_accum", "dtype", "eval_every", "save_every",
-          "log_every")
 
 
 class SpecError(ValueError):
