@@ -29,7 +29,6 @@ Demo: `python train.py --data my.jsonl --data my.jsonl:name=r8,rank=8,targets=q,
 Letters: B rows, T tokens per row, I in features, O out features, r rank, V vocabulary.
 """
 import copy
-import json
 import math
 import os
 import random
@@ -48,8 +47,9 @@ from safetensors.torch import load_file, save_file
 from lora import TARGET_NAMES, LoRAConfig, LoRALinear, peft_key, save_adapter
 from model import Llama
 from sft_data import batches, collate, encode_records, read_records, split_validation
-from trainer import (LoopConfig, autocast, lr_at, make_optimizer, prepare, target_names,
-                     train_step, write_json)
+from trainer import (LoopConfig, autocast, load_optimizer, lr_at, make_optimizer,
+                     optimizer_tensors, prepare, read_history, target_names, train_step,
+                     write_json)
 
 SPEC_KEYS = {"name": str, "rank": int, "alpha": float, "targets": str, "lr": float,
              "dropout": float, "seed": int}
@@ -376,8 +376,7 @@ def save_checkpoint(multi: MultiLoRA, opts, hist, out_dir: str) -> str:
     for name, opt in opts.items():
         path = os.path.join(root, name)
         multi.save(name, path)
-        state = {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-        save_file({**state, "generator": multi.generators[name].get_state()},
+        save_file({**optimizer_tensors(opt), "generator": multi.generators[name].get_state()},
                   os.path.join(path, "optimizer.safetensors"))
         write_json({"config": asdict(multi.jobs[name].cfg), **hist[name]},
                    os.path.join(path, "trainer_state.json"))
@@ -394,14 +393,8 @@ def restore(multi: MultiLoRA, name: str, opt, path: str) -> dict:
                 getattr(pair, which).weight.copy_(tensors[key])
     state = load_file(os.path.join(path, "optimizer.safetensors"))
     multi.generators[name].set_state(state.pop("generator"))
-    moments = {}
-    for key, value in state.items():
-        i, field = key.split(".", 1)
-        moments.setdefault(int(i), {})[field] = value
-    opt.load_state_dict({"state": moments, "param_groups": opt.state_dict()["param_groups"]})
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        saved = json.load(f)
-    return {"losses": saved["losses"], "val_losses": saved["val_losses"]}
+    load_optimizer(opt, state)
+    return read_history(path)
 
 
 # ------------------------------------------------------------------ benchmark

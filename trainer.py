@@ -161,8 +161,8 @@ def save_checkpoint(net, lcfg, opt, history, cfg: LoopConfig, out_dir) -> str:
     step = len(history["losses"])
     path = os.path.join(out_dir, f"checkpoint-{step}")
     save_adapter(net, path, lcfg, net.config.name)
-    state = {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-    save_file({**state, "torch_rng": torch.get_rng_state()}, os.path.join(path, "optimizer.safetensors"))
+    save_file({**optimizer_tensors(opt), "torch_rng": torch.get_rng_state()},
+              os.path.join(path, "optimizer.safetensors"))
     write_json({"config": asdict(cfg), **history}, os.path.join(path, "trainer_state.json"))
     return path
 
@@ -171,11 +171,26 @@ def restore_checkpoint(opt, path) -> dict:
     """Load AdamW's state and the RNG saved by save_checkpoint; the history (losses) so far."""
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("torch_rng"))
+    load_optimizer(opt, tensors)
+    return read_history(path)
+
+
+def optimizer_tensors(opt) -> dict:
+    """AdamW's state as flat safetensors entries, '{parameter index}.{exp_avg, ...}'."""
+    return {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+
+
+def load_optimizer(opt, tensors: dict):
+    """AdamW's state back from optimizer_tensors' entries."""
     state = {}
     for key, value in tensors.items():
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def read_history(path) -> dict:
+    """The losses so far of a checkpoint (trainer_state.json)."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         saved = json.load(f)
     return {"losses": saved["losses"], "val_losses": saved["val_losses"]}
