@@ -332,14 +332,12 @@ class AdapterRegistry:
     def where(self) -> Dict[str, tuple]:
         """name -> (tier, requests using it, pool pages): tier "pool" (resident: its pages hold
         it), "host" (its weights in host memory) or "disk" (its files only, read when loaded)."""
-        out = {}
-        for name, key in self.current.items():
+        def one(key):
             resident, weights = self.pool.resident.get(key), self.pool.host[key].weights
             on_disk = isinstance(weights, OnDisk) and weights.serial not in self.host_store.copies
-            tier = "pool" if resident else "disk" if on_disk else "host"
             pages = sum(map(len, resident.pages.values())) if resident else 0
-            out[name] = (tier, self.users[key], pages)
-        return out
+            return "pool" if resident else "disk" if on_disk else "host", self.users[key], pages
+        return {name: one(key) for name, key in self.current.items()}
 
     def in_host_memory(self) -> int:
         """Adapters held whole in host memory, and the host copies of those kept as files."""

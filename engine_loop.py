@@ -214,21 +214,8 @@ class EngineLoop:
         return {"object": "list", "data": [card(self.base_id, None)] + [card(n, self.base_id) for n in names]}
 
     def metrics(self) -> str:
-        """Prometheus text: the engine's counters, and per adapter name its tier and users."""
         with self.lock:
-            values, where = self.engine.metrics(), self.engine.registry.where()
-        lines = []
-        for name, (help, value) in values.items():
-            lines += [f"# HELP slora_{name} {help}", f"# TYPE slora_{name} gauge", f"slora_{name} {value}"]
-        lines += ["# HELP slora_adapter_resident where an adapter's weights are: tier pool, host "
-                  "or disk", "# TYPE slora_adapter_resident gauge"]
-        lines += [f'slora_adapter_resident{{name="{_label(n)}",tier="{t}"}} 1'
-                  for n, (t, _, _) in where.items()]
-        lines += ["# HELP slora_adapter_requests requests using an adapter",
-                  "# TYPE slora_adapter_requests gauge"]
-        lines += [f'slora_adapter_requests{{name="{_label(n)}"}} {u}'
-                  for n, (_, u, _) in where.items()]
-        return "\n".join(lines) + "\n"
+            return prometheus_text(self.engine.metrics(), self.engine.registry.where())
 
     def pool_page(self) -> str:
         """GET /pool: the unified pool drawn page by page (pool_view.py)."""
@@ -289,6 +276,21 @@ class EngineLoop:
         self.engine.forget(c.rid)
         c.updated.set()
         c.done.set()
+
+
+def prometheus_text(values: dict, where: dict) -> str:
+    """/metrics: the engine's counters, and per adapter name its tier and its requests."""
+    lines = []
+    for name, (help, value) in values.items():
+        lines += [f"# HELP slora_{name} {help}", f"# TYPE slora_{name} gauge", f"slora_{name} {value}"]
+    lines += ["# HELP slora_adapter_resident where an adapter's weights are: tier pool, host or "
+              "disk", "# TYPE slora_adapter_resident gauge"]
+    lines += [f'slora_adapter_resident{{name="{_label(n)}",tier="{t}"}} 1'
+              for n, (t, _, _) in where.items()]
+    lines += ["# HELP slora_adapter_requests requests using an adapter",
+              "# TYPE slora_adapter_requests gauge"]
+    lines += [f'slora_adapter_requests{{name="{_label(n)}"}} {u}' for n, (_, u, _) in where.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _label(value: str) -> str:

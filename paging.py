@@ -34,11 +34,9 @@ come and go, and says when and why an adapter is evicted; `--picture pool.svg` d
 the end (pool_view.py), each page coloured by its owner.
 """
 import heapq
-import json
 import math
-import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -399,18 +397,7 @@ def _demo(cfg: PoolConfig, picture: Optional[str] = None):
           f"{t.a_start.tolist()} b_start {t.b_start.tolist()} page_ids {t.page_ids.tolist()}")
     if picture:
         pool.allocate_kv(3, 6)
-        write_picture(pool, picture, "the demo's pool at its end")
-
-
-def write_picture(pool: UnifiedPool, path: str, title: str):
-    """pool_view's picture to `path` and, beside it (.json), each page's owner."""
-    with open(path, "w") as f:
-        f.write(pool_view.svg(pool, columns=16, cell=18, title=title))
-    owners = [None if o is None else f"{o[0]} {o[1]}" for o in pool_view.page_owners(pool)]
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump({"pages": pool.cfg.n_pages, "owners": owners, **asdict(pool.stats())}, f,
-                  indent=1)
-    print(f"wrote {path} and its numbers beside it")
+        pool_view.write_picture(pool, picture, "the demo's pool at its end")
 
 
 def _demo_wide_rows(cfg: PoolConfig):

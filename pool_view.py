@@ -9,10 +9,13 @@ Each square's tooltip names its owner. `svg` returns the picture; `html` the ser
 page around it: the picture, the counters of /metrics and, per adapter name, where its weights
 are (pool pages, host memory or only its files on disk) and how many requests use it. The page
 reloads itself every second (a meta refresh: no JavaScript).
-Demo: `python paging.py --picture pool.svg` (the demo's pool after its last step).
+Demo: `python paging.py --picture pool.svg` (the demo's pool after its last step; write_picture).
 Letters: P pages.
 """
 import html as html_lib
+import json
+import os
+from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
 FREE = "#e4e4e4"
@@ -71,6 +74,17 @@ def svg(pool, columns: int = 64, cell: int = 10, title: str = "") -> str:
         out.append(f'<rect x="0" y="{y + 16 * i}" width="10" height="10" fill="{fill}"/>'
                    f'<text x="16" y="{y + 16 * i + 9}">{html_lib.escape(label)}: {n} pages</text>')
     return "\n".join(out + ["</svg>"])
+
+
+def write_picture(pool, path: str, title: str):
+    """The picture to `path` and, beside it (.json), each page's owner and the pool's counts."""
+    with open(path, "w") as f:
+        f.write(svg(pool, columns=16, cell=18, title=title))
+    owners = [None if o is None else f"{o[0]} {o[1]}" for o in page_owners(pool)]
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump({"pages": pool.cfg.n_pages, "owners": owners, **asdict(pool.stats())}, f,
+                  indent=1)
+    print(f"wrote {path} and its numbers beside it")
 
 
 def html(pool, where: Dict[str, tuple], metrics: Dict[str, tuple]) -> str:

@@ -45,7 +45,7 @@ import http_bench  # noqa: E402
 import tp  # noqa: E402
 import vs_peft  # noqa: E402
 import multi_train  # noqa: E402
-import paging  # noqa: E402
+import pool_view  # noqa: E402
 import train  # noqa: E402
 import trainer  # noqa: E402
 import decode  # noqa: E402
@@ -1073,7 +1073,7 @@ def test_batched_beam_search_equals_one_prompt_at_a_time():
     assert together == alone and len({len(out) for out in alone}) > 1
 
 
-# ------------------------------------------------------------------------------ many adapters in one batch (multi_train.py)
+# ------------------------------------------------------------------ many adapters in one batch (multi_train.py)
 
 def _rows(seed, n, longest):
     """n examples of random byte tokens: a 2-4 token prompt, a 2..longest token target."""
@@ -3393,13 +3393,13 @@ def test_pool_page_in_a_real_browser_shows_the_pages_of_a_running_request(http_a
 
 
 def test_pool_picture_is_the_pools_owners(tmp_path):
-    """paging.write_picture: one square per page coloured by owner, and the owners as JSON."""
+    """pool_view.write_picture: one square per page coloured by owner, and the owners as JSON."""
     cfg = PoolConfig(n_layers=1, n_pages=12, dim=8, tokens_per_page=2)
     pool = UnifiedPool(cfg)
     pool.register(HostAdapter.random("a", 1, 8, {"q_proj": 8}, 2, seed=0))
     pool.acquire("a")
     pool.allocate_kv(7, 3)
-    paging.write_picture(pool, str(tmp_path / "p.svg"), "test")
+    pool_view.write_picture(pool, str(tmp_path / "p.svg"), "test")
     owners = json.loads((tmp_path / "p.json").read_text())["owners"]
     svg = (tmp_path / "p.svg").read_text()
     assert owners.count("adapter a") == 4 and owners.count("request 7") == 2 * len(pool.blocks[7])

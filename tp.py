@@ -36,10 +36,9 @@ narrower per device (an A row of q, k or v still needs all H input features), no
 device's share of a row of gate's or up's B^T or of down's A (ffn_dim / W numbers) fills the
 first of the row's ceil(ffn_dim / H) pages, the last ones stay empty; an error in a step ends the
 group (engine.py survives it on one device; here the peers would wait in collectives).
-Launch: `python serve.py --tp 2` spawns the processes on this machine; `torchrun --nproc-per-node 2
-serve.py --tp 2` (and `--nnodes`, one node or several) starts them itself, and each joins the
-group from torchrun's environment (`join`, env://). The HTTP server over these ranks, whose
-submissions reach rank 0 only, is tp_serve.py (under torchrun).
+Launch: `python serve.py --tp 2` spawns the processes here; under `torchrun --nproc-per-node 2
+serve.py --tp 2` (one node or several) each joins torchrun's group (`join`, env://). The HTTP
+server over these ranks, whose requests reach rank 0 only, is tp_serve.py.
 Demo: `python serve.py --tp 2 --adapters 100`; `python tp.py --world 2` (what each device holds).
 Letters: W devices, k this device, N tokens of a step, L layers, H model dim, r adapter rank,
 c = ceil(r / W).
@@ -335,10 +334,9 @@ def launch(world: int, fn, *args, timeout_s: float = 300.0, device_type: Optiona
 
 
 def join(world: int, fn, *args, timeout_s: float, device_type: str):
-    """One rank started by torchrun (one node or several): the rendezvous and the ranks come from
-    its environment (init_method env://: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), the device
-    is cuda:LOCAL_RANK, the threads are torchrun's (OMP_NUM_THREADS). An error here raises on this
-    rank; torchrun then ends the others and names the first rank that failed."""
+    """One rank started by torchrun: rendezvous and ranks from its environment (env://:
+    MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), device cuda:LOCAL_RANK, threads torchrun's
+    (OMP_NUM_THREADS). An error raises here; torchrun ends the others and names this rank."""
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     if size != world:
