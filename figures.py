@@ -81,6 +81,19 @@ def figure6(points, path: str, title: str) -> str:
                  ("slo", "SLO attainment")))
 
 
+def training_plots(out: str, runs: List[dict], sweep: bool, log=print):
+    """train.py --plot: every run's losses (loss.svg) and, after --sweep, its BLEU heatmap."""
+    runs = [r for r in runs if r.get("losses")]
+    label = lambda r: r.get("name") or f"{r['method']} r={r['rank']} {r['targets']}"   # noqa: E731
+    loss_curves({label(r): r for r in runs}, os.path.join(out, "loss.svg"),
+                "training and validation loss")
+    if sweep:
+        heatmap({(r["rank"], r["targets"]): r["BLEU"] for r in runs if "BLEU" in r},
+                os.path.join(out, "sweep.svg"), "E2E BLEU of the rank study", "rank r",
+                "adapted matrices")
+    log(f"wrote {os.path.join(out, 'loss.svg')}{' and sweep.svg' if sweep else ''}")
+
+
 def loss_curves(history: Dict[str, dict], path: str, title: str):
     """Each run's training loss per step and validation loss (points), one picture."""
     import matplotlib

@@ -44,7 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lora import TARGET_NAMES, LoRAConfig, LoRALinear, peft_key, save_adapter
+from lora import (TARGET_NAMES, AdapterError, LoRAConfig, LoRALinear, peft_key, read_adapter,
+                  save_adapter)
 from model import Llama
 from sft_data import batches, collate, encode_records, read_records, split_validation
 from trainer import (LoopConfig, autocast, load_optimizer, lr_at, make_optimizer,
@@ -123,6 +124,27 @@ def check_names(names: List[str]):
 
 def spec_name(path: str, options: dict) -> str:
     return options.get("name") or os.path.splitext(os.path.basename(path))[0]
+
+
+def check_flags(cfg):
+    """train.py's flags for a joint run (cfg: train.TrainConfig), before any data or model work:
+    SpecError naming the flag, file or adapter."""
+    if cfg.data and cfg.adapters > 1:
+        raise SpecError("--adapters N belongs to the E2E experiment; with --data give one --data "
+                        "per adapter")
+    if cfg.sweep or cfg.adapter or cfg.method != "lora" or cfg.epochs:
+        raise SpecError("several adapters train with --method lora and --steps, without --sweep, "
+                        "--adapter or --epochs")
+    specs = [parse_spec(d) for d in cfg.data]
+    for path, options in specs:
+        job_config(cfg, options, f"--data {path}")
+    names = [spec_name(*s) for s in specs] or [f"e2e-{k}" for k in range(cfg.adapters)]
+    check_names(names)
+    for name in names if cfg.resume else []:
+        try:
+            read_adapter(os.path.join(cfg.resume, name))
+        except AdapterError as e:
+            raise SpecError(f"--resume: adapter {name!r}: {e}") from None
 
 
 def read_specs(specs: List[str]) -> list:

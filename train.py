@@ -151,7 +151,7 @@ def check_flags(cfg: TrainConfig):
         raise UsageError(str(e)) from None
     try:
         if is_multi(cfg) and not cfg.bench_multi:
-            return check_multi(cfg)
+            return multi_train.check_flags(cfg)
     except multi_train.SpecError as e:
         raise UsageError(str(e)) from None
     try:
@@ -172,26 +172,6 @@ def is_multi(cfg: TrainConfig) -> bool:
     """Several adapters in one batch (multi_train.py): --adapters N, several --data, or options."""
     return (cfg.adapters > 1 or len(cfg.data) > 1
             or any(multi_train.parse_spec(d)[1] for d in cfg.data))
-
-
-def check_multi(cfg: TrainConfig):
-    """The flags of a joint run; with --resume, a folder of every adapter's checkpoint."""
-    if cfg.data and cfg.adapters > 1:
-        raise UsageError("--adapters N belongs to the E2E experiment; with --data give one --data "
-                         "per adapter")
-    if cfg.sweep or cfg.adapter or cfg.method != "lora" or cfg.epochs:
-        raise UsageError("several adapters train with --method lora and --steps, without --sweep, "
-                         "--adapter or --epochs")
-    specs = [multi_train.parse_spec(d) for d in cfg.data]
-    for path, options in specs:
-        multi_train.job_config(cfg, options, f"--data {path}")
-    names = [multi_train.spec_name(*s) for s in specs] or [f"e2e-{k}" for k in range(cfg.adapters)]
-    multi_train.check_names(names)
-    for name in names if cfg.resume else []:
-        try:
-            read_adapter(os.path.join(cfg.resume, name))
-        except AdapterError as e:
-            raise UsageError(f"--resume: adapter {name!r}: {e}") from None
 
 
 def check_resumable(cfg: TrainConfig):
@@ -458,26 +438,13 @@ def main(cfg: TrainConfig, log=print) -> dict:
                else run_data if cfg.data else run_e2e)
         run(cfg, results, log)
         if cfg.plot:
-            write_plots(cfg, results, log)
+            figures.training_plots(cfg.out, results.get("runs", []), cfg.sweep, log)
     except BaseException as e:                       # KeyboardInterrupt too: keep what was done
         results["failed"] = f"{type(e).__name__}: {e}"
         raise
     finally:
         write_json(results, os.path.join(cfg.out, "results.json"))
     return results
-
-
-def write_plots(cfg: TrainConfig, results: dict, log=print):
-    """--plot: every run's losses (loss.svg) and, after --sweep, its BLEU heatmap (sweep.svg)."""
-    runs = [r for r in results.get("runs", []) if r.get("losses")]
-    label = lambda r: r.get("name") or f"{r['method']} r={r['rank']} {r['targets']}"   # noqa: E731
-    figures.loss_curves({label(r): r for r in runs}, os.path.join(cfg.out, "loss.svg"),
-                        "training and validation loss")
-    if cfg.sweep:
-        figures.heatmap({(r["rank"], r["targets"]): r["BLEU"] for r in runs if "BLEU" in r},
-                        os.path.join(cfg.out, "sweep.svg"), "E2E BLEU of the rank study",
-                        "rank r", "adapted matrices")
-    log(f"wrote {os.path.join(cfg.out, 'loss.svg')}{' and sweep.svg' if cfg.sweep else ''}")
 
 
 def given_flags(argv=None) -> set:
