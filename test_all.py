@@ -1185,6 +1185,13 @@ def test_train_py_trains_one_adapter_per_data_file_in_one_batch(tmp_path, monkey
         assert lcfg.r == r and sorted(lcfg.targets) == targets
         assert [step for step, _ in row["val_losses"]] == [2, 4] and len(row["losses"]) == 4
     assert results["runs"][0]["losses"] != results["runs"][1]["losses"]
+    fresh = tiny_setup()[0]                       # the run wrapped `base` in place: a new copy
+    merged = copy.deepcopy(fresh)
+    lora.load_adapter(merged, tmp_path / "out" / "beta" / "adapter")
+    lora.merge_lora(merged)
+    engine = E.Engine(fresh, None, pool_pages=200)
+    engine.add_adapter("beta", str(tmp_path / "out" / "beta" / "adapter"))   # served like any other
+    assert engine.generate([[5, 6, 7]], ["beta"], 6) == [merged.generate([[5, 6, 7]], 6)[0]]
 
 
 def test_repeatable_flags_parse_from_the_command_line(tmp_path):
