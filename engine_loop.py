@@ -83,8 +83,7 @@ class EngineLoop:
         self.net = net or NetworkConfig()
         self.lock = threading.Condition()
         self.live: dict = {}                 # request id -> Completion
-        self.running, self.accepting = False, True
-        self.fatal: Optional[str] = None     # why the engine stopped for good (a lost TP group)
+        self.running, self.accepting, self.fatal = False, True, None   # fatal: why it stopped
         self.idle_wait_s = 1.0              # an idle engine thread's nap; submit notifies it
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
