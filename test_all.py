@@ -23,6 +23,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import zipfile  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -3376,19 +3377,23 @@ def test_pool_page_in_a_real_browser_shows_the_pages_of_a_running_request(http_a
     the request's KV cache and of its adapter r3 among them, r3 listed as in the pool with one
     request; /metrics says the same as labelled series."""
     base, root = http_adapters
-    assert alone(new_engine(base, root, ["r3"]), list(b"hello"), "r3", 300)[1] == "length"
+    assert alone(new_engine(base, root, ["r3"]), list(b"hello"), "r3", 400)[1] == "length"
+    browser = _chromium()
     with serving(http_adapters, open_metrics=True) as (url, httpd):
-        engine, step = httpd.loop.engine, httpd.loop.engine.step
-        monkeypatch.setattr(engine, "step", lambda: time.sleep(0.03) or step())   # a slow model
-        body = {"model": "r3", "prompt": "hello", "max_tokens": 300, "temperature": 0}
+        engine, step, seen = httpd.loop.engine, httpd.loop.engine.step, threading.Event()
+        slow = lambda: (None if seen.is_set() else time.sleep(0.05)) or step()   # noqa: E731
+        monkeypatch.setattr(engine, "step", slow)          # a slow model until the page is read
+        body = {"model": "r3", "prompt": "hello", "max_tokens": 400, "temperature": 0}
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(call, url, "/v1/completions", body)
-            while engine.pool.stats().kv == 0:
+            deadline = time.monotonic() + 30
+            while engine.pool.stats().kv == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+            dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                                   "--dump-dom", url + "/pool"], capture_output=True, text=True,
                                  timeout=120).stdout
             metrics = call(url, "/metrics")[1]
+            seen.set()
             assert running.result()[0] == 200
     pages = re.findall(r'<rect class="page" data-owner="([^"]+)"', dom)
     assert len(pages) == engine.pool.cfg.n_pages
