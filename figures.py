@@ -11,6 +11,8 @@ then the picture: a point per variant and x at the median of the runs, the bars 
 rank x targets table as a heatmap (sweep.svg).
 matplotlib draws them and is not a dependency of the project: `require_matplotlib` says how to
 install it, before any run starts.
+Simplified: the axes are the paper's, the workloads this machine's (a small model past saturation
+on a CPU, not Llama-7B on A100s); a point's bars span only the runs made (--repeat).
 Demo: `python serve.py --figure5 fig5.svg --layers 4 --duration 4 --repeat 3`.
 """
 import importlib.util

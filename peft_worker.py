@@ -12,6 +12,9 @@ Protocol: one JSON object per line. The parent writes {"hf_dir", "adapters": {na
 file of the `kernels` module it sees. Then for each {"prompts", "names", "new_tokens"} it answers
 {"tokens": [[id, ...], ...], "seconds": time of generate alone}. Standard output carries only these
 lines (whatever the libraries print goes to standard error).
+Simplified: one client, one request at a time; greedy only (what --vs-peft times).
+Demo: started by `python serve.py --vs-peft` (vs_peft.PeftSide); by hand, `python peft_worker.py`
+reads the JSON lines above on standard input.
 Letters: B batch rows, T0 longest prompt.
 """
 import json

@@ -9,6 +9,8 @@ Each square's tooltip names its owner. `svg` returns the picture; `html` the ser
 page around it: the picture, the counters of /metrics and, per adapter name, where its weights
 are (pool pages, host memory or only its files on disk) and how many requests use it. The page
 reloads itself every second (a meta refresh: no JavaScript).
+Simplified: a square stands for a page in every layer at once (allocating page p reserves it in
+all L layers, paging.py); the page is rebuilt whole at each refresh.
 Demo: `python paging.py --picture pool.svg` (the demo's pool after its last step; write_picture).
 Letters: P pages.
 """
