@@ -79,8 +79,7 @@ class EngineLoop:
     """The engine behind a lock: one thread steps it, HTTP threads submit, read and cancel."""
 
     def __init__(self, engine, tokenizer, base_id: str, net: Optional[NetworkConfig] = None):
-        self.engine, self.tok, self.base_id = engine, tokenizer, base_id
-        self.net = net or NetworkConfig()
+        self.engine, self.tok, self.base_id, self.net = engine, tokenizer, base_id, net or NetworkConfig()
         self.lock = threading.Condition()
         self.live: dict = {}                 # request id -> Completion
         self.running, self.accepting, self.fatal = False, True, None   # fatal: why it stopped
@@ -217,10 +216,11 @@ class EngineLoop:
             return prometheus_text(self.engine.metrics(), self.engine.registry.where())
 
     def pool_page(self) -> str:
-        """GET /pool: the unified pool drawn page by page (pool_view.py)."""
+        """GET /pool (pool_view.py): read under the lock, drawn after it while the engine steps."""
+        engine = self.engine
         with self.lock:
-            engine = self.engine
-            return pool_view.html(engine.pool, engine.registry.where(), engine.metrics())
+            data = pool_view.page_owners(engine.pool), engine.registry.where(), engine.metrics()
+        return pool_view.html(*data)
 
     def _run(self):
         while True:

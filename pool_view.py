@@ -46,9 +46,10 @@ def colour(owner: Optional[Tuple[str, str]], order: Dict[Tuple[str, str], int]) 
     return palette[order[owner] % len(palette)]
 
 
-def svg(pool, columns: int = 64, cell: int = 10, title: str = "") -> str:
-    """The pool as an SVG picture: a square per page, a legend of owners and their page counts."""
-    owners = page_owners(pool)
+def svg(owners: List[Optional[Tuple[str, str]]], columns: int = 64, cell: int = 10,
+        title: str = "") -> str:
+    """The pool (page_owners) as an SVG picture: a square per page, a legend of owners and their
+    page counts."""
     order: Dict[Tuple[str, str], int] = {}
     counts: Dict[Tuple[str, str], int] = {}
     for o in owners:
@@ -80,17 +81,19 @@ def svg(pool, columns: int = 64, cell: int = 10, title: str = "") -> str:
 
 def write_picture(pool, path: str, title: str):
     """The picture to `path` and, beside it (.json), each page's owner and the pool's counts."""
+    owners = page_owners(pool)
     with open(path, "w") as f:
-        f.write(svg(pool, columns=16, cell=18, title=title))
-    owners = [None if o is None else f"{o[0]} {o[1]}" for o in page_owners(pool)]
+        f.write(svg(owners, columns=16, cell=18, title=title))
+    owners = [None if o is None else f"{o[0]} {o[1]}" for o in owners]
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump({"pages": pool.cfg.n_pages, "owners": owners, **asdict(pool.stats())}, f,
                   indent=1)
     print(f"wrote {path} and its numbers beside it")
 
 
-def html(pool, where: Dict[str, tuple], metrics: Dict[str, tuple]) -> str:
-    """GET /pool: the picture, /metrics' counters, and each adapter's tier and users."""
+def html(owners: list, where: Dict[str, tuple], metrics: Dict[str, tuple]) -> str:
+    """GET /pool: the picture of page_owners' list, /metrics' counters, and each adapter's tier
+    and users."""
     rows = "".join(f"<tr><td>{html_lib.escape(name)}</td><td>{tier}</td><td>{users}</td>"
                    f"<td>{pages}</td></tr>" for name, (tier, users, pages) in sorted(where.items()))
     counters = "".join(f"<tr><td>slora_{name}</td><td>{value}</td>"
@@ -99,7 +102,7 @@ def html(pool, where: Dict[str, tuple], metrics: Dict[str, tuple]) -> str:
     return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" "
             "content=\"1\"><title>S-LoRA unified pool</title><style>body{font-family:sans-serif}"
             "td,th{padding:2px 8px;text-align:left}</style></head><body>"
-            f"<h1>Unified pool</h1>{svg(pool, columns=100, cell=8)}"
+            f"<h1>Unified pool</h1>{svg(owners, columns=100, cell=8)}"
             "<h2>Adapters</h2><table id=\"adapters\"><tr><th>name</th><th>weights in</th>"
             f"<th>requests using it</th><th>pool pages</th></tr>{rows}</table>"
             f"<h2>Counters</h2><table id=\"counters\">{counters}</table></body></html>")

@@ -334,9 +334,8 @@ def launch(world: int, fn, *args, timeout_s: float = 300.0, device_type: Optiona
 
 
 def join(world: int, fn, *args, timeout_s: float, device_type: str):
-    """One rank started by torchrun: rendezvous and ranks from its environment (env://:
-    MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), device cuda:LOCAL_RANK, threads torchrun's
-    (OMP_NUM_THREADS). An error raises here; torchrun ends the others and names this rank."""
+    """One rank started by torchrun: rendezvous and ranks from its environment (env://), device
+    cuda:LOCAL_RANK, threads torchrun's. An error raises here; torchrun ends the others."""
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     if size != world:
