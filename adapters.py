@@ -87,7 +87,8 @@ class HostAdapter:
 
     @property
     def n_pages(self) -> int:
-        """Pages it takes when loaded: r C_A + r C_B per target."""
+        """Pool rows it fills when loaded: r C_A + r C_B per target (a page each for float rows;
+        paging.UnifiedPool.pages_for)."""
         return sum(self.rank * sum(self.chunks(t)) for t in self.weights)
 
     def a(self, target: str) -> torch.Tensor:   # [L, r, I]
@@ -335,7 +336,7 @@ class AdapterRegistry:
         def one(key):
             resident, weights = self.pool.resident.get(key), self.pool.host[key].weights
             on_disk = isinstance(weights, OnDisk) and weights.serial not in self.host_store.copies
-            pages = sum(map(len, resident.pages.values())) if resident else 0
+            pages = len(resident.taken) if resident else 0
             return "pool" if resident else "disk" if on_disk else "host", self.users[key], pages
         return {name: one(key) for name, key in self.current.items()}
 

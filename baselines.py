@@ -35,6 +35,8 @@ class OwnCopyMemory(PoolMemory):
     into tensors of its own when a batch needs it and freed when no running request uses it."""
 
     def __init__(self, model: Llama, cfg):
+        float_rows_only(cfg, "no-unified", "its adapters live in tensors of their own, outside "
+                                           "the pool")
         self.copies: Dict[str, OwnCopy] = {}
         self.users: Dict[str, int] = {}            # running requests per own copy
         super().__init__(model, cfg)
@@ -98,8 +100,9 @@ class BmmRunner(ModelRunner):
 
     def lora(self, slots: AdapterSlots) -> Optional[Callable]:
         tables = self.pool.kernel_tables(slots.names)
-        padded = {target: kernels.pad_adapters(self.pool.tensor, t, self.in_dim[target],
-                                               self.out_dim[target])
+        rows, row_scale = self.pool.rows.stacked()   # int8 rows are dequantized in the copy
+        padded = {target: kernels.pad_adapters(rows, t, self.in_dim[target], self.out_dim[target],
+                                               self.pool.tensor.dtype, row_scale)
                   for target, t in tables.items()}   # target -> (A [L, S, Rm, I], Bt [L, S, Rm, O])
         token_slots = slots.token_slots()
 
@@ -120,6 +123,10 @@ class BmmEngine(Engine):
 
 class MergedMemory(PoolMemory):
     """Adapters merged into the weights: they take no pool pages and are never loaded."""
+
+    def __init__(self, model: Llama, cfg):
+        float_rows_only(cfg, "merged", "adapters are merged into the weights, not read from pages")
+        super().__init__(model, cfg)
 
     def pages_of(self, adapter: HostAdapter) -> int:
         return 0
@@ -195,6 +202,13 @@ class MergedEngine(Engine):
         for req in [r for r in self.waiting_turn if r.adapter == name]:
             self.waiting_turn.remove(req)
             self.scheduler.submit(req)
+
+
+def float_rows_only(cfg, mode: str, why: str):
+    """Refuse int8 adapter rows (EngineConfig.adapter_dtype) for a mode that does not read them."""
+    if cfg.adapter_dtype != "float":
+        raise ValueError(f"adapter_dtype {cfg.adapter_dtype!r} is not implemented for mode "
+                         f"{mode}: {why}; use slora or bmm")
 
 
 def _linear(layer, target: str):

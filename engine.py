@@ -33,6 +33,7 @@ import cli
 from adapters import AdapterRegistry, HostAdapter
 from model import Llama, SamplingParams
 from paging import PoolConfig, UnifiedPool, kv_pages
+from quant import ROWS
 from records import (Failed, RequestRecord, RequestTable, is_finite, is_whole,  # noqa: F401
                      validate_request)
 from runner import ModelRunner, StepStats
@@ -52,6 +53,9 @@ class EngineConfig:
     host_adapters: Optional[int] = cli.flag(None, "adapters registered by path kept in host memory "
                                                   "at most, the others read from their files when "
                                                   "needed (default: all; synthetic ones stay)", int)
+    adapter_dtype: str = cli.flag("float", "adapter rows in the pool: float (the model's dtype) "
+                                           "or int8 (quantized per row when loaded, a quarter of "
+                                           "the pages in float32; slora and bmm modes)")
 
     @staticmethod
     def of(options: dict) -> "EngineConfig":
@@ -74,7 +78,8 @@ class EngineConfig:
                                      and self.adapter_reserve < self.pool_pages,
                                      "None or an int in [1, pool_pages - 1]"),
                  "host_adapters": (self.host_adapters is None or is_whole(self.host_adapters, 1),
-                                   "None or an int >= 1")}
+                                   "None or an int >= 1"),
+                 "adapter_dtype": (self.adapter_dtype in ROWS, f"one of {list(ROWS)}")}
         problems = [f"{k} = {getattr(self, k)!r}: {rule}" for k, (ok, rule) in rules.items()
                     if not ok]
         if problems:
@@ -92,7 +97,8 @@ class PoolMemory:
         self.kv_budget, self.adapter_budget = self.split()
         w = model.lm_head.weight
         self.pool = UnifiedPool(PoolConfig.for_model(model.config, self.kv_budget,
-                                                     str(w.dtype).split(".")[-1], str(w.device)))
+                                                     str(w.dtype).split(".")[-1], str(w.device),
+                                                     cfg.adapter_dtype))
 
     def split(self) -> Tuple[int, Optional[int]]:
         """(pages of the KV cache, pages reserved for adapters): S-LoRA shares one pool (None)."""
@@ -105,7 +111,7 @@ class PoolMemory:
     def pages_of(self, adapter: HostAdapter) -> int:
         """Pages the adapter takes when loaded: r ceil(I / H) + r ceil(O / H) per target
         (paging.py); 2 r for q, k, v, o."""
-        return adapter.n_pages
+        return self.pool.pages_for(adapter)
 
     def acquire(self, name: str):
         self.loads += name not in self.pool.resident

@@ -22,6 +22,7 @@ Demo: `python kernel_bench.py --small` (a quick CPU run), `python kernel_bench.p
 `python kernel_bench.py --in-dim 1536` (rows wider than a page, as down_proj has), `python
 kernel_bench.py --compile`.
 """
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -30,6 +31,7 @@ import torch
 
 import cli
 import kernels
+import kernels_train
 
 
 @dataclass
@@ -147,6 +149,7 @@ if __name__ == "__main__":
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.compile:
-        kernels.print_compiled(kernels.kernel_variants())
+        kernels.print_compiled(itertools.chain(kernels.kernel_variants(),
+                                               kernels_train.kernel_variants()))
     else:
         benchmark(cfg)

@@ -42,6 +42,9 @@ page_ids[b_start[s] + j C_B + c], j < ranks[s]; scales[s] = alpha_s / r_s. The k
 row page by page, so the same two serve every target; each keeps its loop for C = 1 as a
 compile-time variant, ONE_PAGE (shrink: all but down; expand: all but gate and up).
 paging.py explains the choice of several pages per row over a second page width.
+int8 rows (quant.Int8Rows, the future work of S-LoRA's conclusion): the two kernels with INT8 set
+read pool_l as int8 [k P, H] (k = 4 rows in the bytes of a float32 page) and multiply each row by
+its float32 row_scale as they load it; the page ids of the tables are then int8 row ids.
 
 Shape letters: N tokens, H pool width (model dim), P pages, L layers, S adapter slots, r rank of
 one adapter, Rm max rank, I input width, O output width, F ffn_dim, C pages per row (C_A of A,
@@ -93,10 +96,10 @@ PREFILL_TILES = LoRATiles(tokens=16, rank=16, hidden=64, out=64)   # MBGMM: matr
 # Program (i, k, b) takes the k-th BLOCK_T tokens of segment i and block b of ranks (shrink)
 # or of outputs (expand); decode makes every token its own segment.
 @triton.jit
-def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_starts_ptr,
-                   seg_adapter_ptr, z_ptr, in_dim, page_width, a_chunks, max_rank, stride_x,
-                   stride_pool, stride_z, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_H: tl.constexpr, ONE_PAGE: tl.constexpr):
+def _shrink_kernel(x_ptr, pool_ptr, row_scale_ptr, page_ids_ptr, a_start_ptr, ranks_ptr,
+                   seg_starts_ptr, seg_adapter_ptr, z_ptr, in_dim, page_width, a_chunks, max_rank,
+                   stride_x, stride_pool, stride_z, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_H: tl.constexpr, ONE_PAGE: tl.constexpr, INT8: tl.constexpr):
     seg = tl.program_id(0)
     t = tl.load(seg_starts_ptr + seg) + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = t < tl.load(seg_starts_ptr + seg + 1)
@@ -110,9 +113,10 @@ def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_st
     acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
     if ONE_PAGE:    # C_A = 1 (q, k, v, o, gate, up): the page of each row looked up once
         pages = tl.load(page_ids_ptr + a0 + j, mask=row_ok, other=0).to(tl.int64)    # [BR]
+        q = _row_scale(row_scale_ptr, pages, row_ok, INT8)
         for h0 in range(0, tl.where(live, in_dim, 0), BLOCK_H):
-            acc = _shrink_tile(acc, x_rows, pool_ptr + pages[:, None] * stride_pool,
-                               h0 + tl.arange(0, BLOCK_H), in_dim, tok_ok, row_ok, BLOCK_T)
+            acc = _shrink_tile(acc, x_rows, pool_ptr + pages[:, None] * stride_pool, q,
+                               h0 + tl.arange(0, BLOCK_H), in_dim, tok_ok, row_ok, BLOCK_T, INT8)
     else:           # C_A > 1 (down): tile k on chunk c, numbers c H + h of x, page c of each row
         per_chunk = tl.cdiv(page_width, BLOCK_H)
         for k in range(0, tl.where(live, tl.cdiv(in_dim, page_width) * per_chunk, 0)):
@@ -121,41 +125,55 @@ def _shrink_kernel(x_ptr, pool_ptr, page_ids_ptr, a_start_ptr, ranks_ptr, seg_st
                             other=0).to(tl.int64)
             acc = _shrink_tile(acc, x_rows + c * page_width,
                                pool_ptr + pages[:, None] * stride_pool,
+                               _row_scale(row_scale_ptr, pages, row_ok, INT8),
                                (k % per_chunk) * BLOCK_H + tl.arange(0, BLOCK_H),
                                tl.minimum(page_width, in_dim - c * page_width), tok_ok, row_ok,
-                               BLOCK_T)
+                               BLOCK_T, INT8)
     tl.store(z_ptr + t[:, None] * stride_z + j[None, :], acc,
              mask=tok_ok[:, None] & (j[None, :] < max_rank))
 
 
 @triton.jit
-def _shrink_tile(acc, x_rows, a_rows, h, width, tok_ok, row_ok, BLOCK_T: tl.constexpr):
+def _row_scale(row_scale_ptr, pages, row_ok, INT8: tl.constexpr):
+    """[BR] float32: the scale of each row's int8 numbers (INT8); unused for float rows."""
+    if INT8:
+        return tl.load(row_scale_ptr + pages, mask=row_ok, other=0.0)
+    return tl.zeros(pages.shape, tl.float32)
+
+
+@triton.jit
+def _shrink_tile(acc, x_rows, a_rows, a_scale, h, width, tok_ok, row_ok, BLOCK_T: tl.constexpr,
+                 INT8: tl.constexpr):
     """acc [BT, BR] + X A^T over numbers h [BH] (those < width) of the tokens' rows of x and of
-    the rows of A, given by pointers x_rows [BT, 1] and a_rows [BR, 1]."""
+    the rows of A, given by pointers x_rows [BT, 1] and a_rows [BR, 1]; A's rows dequantized
+    by a_scale [BR] as they are read (INT8)."""
     h_ok = h < width
     X = tl.load(x_rows + h[None, :], mask=tok_ok[:, None] & h_ok[None, :],
                 other=0.0).to(tl.float32)                                                 # [BT, BH]
     A = tl.load(a_rows + h[None, :], mask=row_ok[:, None] & h_ok[None, :],
                 other=0.0).to(tl.float32)                                                 # [BR, BH]
+    if INT8:
+        A = A * a_scale[:, None]
     if BLOCK_T == 1:
         return acc + tl.sum(X[:, None, :] * A[None, :, :], axis=2)   # [1, 1, BH] * [1, BR, BH]
     return tl.dot(X, tl.trans(A), acc, input_precision="ieee")      # [BT, BH] @ [BH, BR]
 
 
-def lora_shrink_ref(x, pool_l, plan):
+def lora_shrink_ref(x, pool_l, plan, row_scale=None):
     """z [N, Rm] float32: z[t, :r_s] = x[t] A_s^T per run of tokens of adapter s, else zeros."""
     z = torch.zeros(x.shape[0], plan.max_rank, dtype=torch.float32, device=x.device)
     for t0, t1, a_rows, _, _ in plan.runs:
-        A = page_rows(pool_l, a_rows, plan.a_chunks, x.shape[1]).float()               # [r, I]
+        A = page_rows(pool_l, a_rows, plan.a_chunks, x.shape[1], row_scale).float()    # [r, I]
         z[t0:t1, :A.shape[0]] = x[t0:t1].float() @ A.T                          # [T, I] @ [I, r]
     return z
 
 
 @triton.jit
-def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales_ptr,
-                   seg_starts_ptr, seg_adapter_ptr, out_ptr, out_dim, page_width, b_chunks,
-                   stride_z, stride_pool, stride_out, BLOCK_T: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, ONE_PAGE: tl.constexpr):
+def _expand_kernel(z_ptr, pool_ptr, row_scale_ptr, page_ids_ptr, b_start_ptr, ranks_ptr,
+                   scales_ptr, seg_starts_ptr, seg_adapter_ptr, out_ptr, out_dim, page_width,
+                   b_chunks, stride_z, stride_pool, stride_out, BLOCK_T: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, ONE_PAGE: tl.constexpr,
+                   INT8: tl.constexpr):
     seg = tl.program_id(0)
     t = tl.load(seg_starts_ptr + seg) + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = t < tl.load(seg_starts_ptr + seg + 1)
@@ -182,6 +200,8 @@ def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales
                     mask=tok_ok[:, None] & row_ok[None, :], other=0.0)                # [BT, BR]
         Bt = tl.load(pool_ptr + pages[:, None] * stride_pool + h[None, :],
                      mask=row_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)  # [BR, BO]
+        if INT8:                                                    # rows dequantized as read
+            Bt = Bt * _row_scale(row_scale_ptr, pages, row_ok, INT8)[:, None]
         if BLOCK_T == 1:
             acc += tl.sum(Z[:, :, None] * Bt[None, :, :], axis=1)   # [1, BR, 1] * [1, BR, BO]
         else:
@@ -191,21 +211,26 @@ def _expand_kernel(z_ptr, pool_ptr, page_ids_ptr, b_start_ptr, ranks_ptr, scales
              mask=tok_ok[:, None] & o_ok[None, :])
 
 
-def lora_expand_ref(z, pool_l, plan, out_dim):
-    """delta [N, O] in the pool's dtype: delta[t] = scales[s] z[t, :r_s] B_s^T, else zeros."""
+def lora_expand_ref(z, pool_l, plan, out_dim, row_scale=None, dtype=None):
+    """delta [N, O] in dtype (default: the pool's): delta[t] = scales[s] z[t, :r_s] B_s^T, else
+    zeros."""
     delta = torch.zeros(z.shape[0], out_dim, dtype=torch.float32, device=z.device)
     for t0, t1, _, b_rows, scale in plan.runs:
-        Bt = page_rows(pool_l, b_rows, plan.b_chunks, out_dim).float()                 # [r, O]
+        Bt = page_rows(pool_l, b_rows, plan.b_chunks, out_dim, row_scale).float()      # [r, O]
         delta[t0:t1] = scale * (z[t0:t1, :Bt.shape[0]] @ Bt)                    # [T, r] @ [r, O]
-    return delta.to(pool_l.dtype)
+    return delta.to(dtype or pool_l.dtype)
 
 
-def page_rows(pool_l, rows, chunks, width):
+def page_rows(pool_l, rows, chunks, width, row_scale=None):
     """The adapter rows on pool rows `rows` (C = chunks pages each, in order): [r, width], a view
-    of the pool when `rows` is a slice (consecutive pages)."""
+    of the pool when `rows` is a slice (consecutive pages) of float rows; int8 rows (row_scale
+    given) come dequantized, pool_l[q] row_scale[q], in float32."""
+    numbers = pool_l[rows]                                                      # [r C, H]
+    if row_scale is not None:
+        numbers = numbers.float() * row_scale[rows, None]
     if chunks == 1:                                                 # a page per row: no reshape
-        return pool_l[rows, :width]
-    return pool_l[rows].reshape(-1, chunks * pool_l.shape[1])[:, :width]       # [r C, H] -> [r, W]
+        return numbers[:, :width]
+    return numbers.reshape(-1, chunks * pool_l.shape[1])[:, :width]            # [r C, H] -> [r, W]
 
 
 # ---------------------------------------------------------------- one step's plan, checked once
@@ -295,57 +320,67 @@ def _rows(page_list, start, n):
 
 
 # ---------------------------------------------------------------- the interface
-def lora_shrink(x, pool_l, plan: LoRAPlan, *, out=None, use_triton: Optional[bool] = None):
+# Each function takes one layer's pool_l [P, H] of float rows, or its int8 rows (row_scale
+# float32 [P] given: row q holds the numbers pool_l[q] row_scale[q]; quant.Int8Rows).
+def lora_shrink(x, pool_l, plan: LoRAPlan, *, row_scale=None, out=None,
+                use_triton: Optional[bool] = None):
     """x [N, I] -> z [N, Rm] float32 with z[t, :r_s] = x[t] A_s^T (MBGMV or MBGMM by the plan);
     A's first I numbers are read (I <= C_A H: under tensor parallelism a device's share)."""
-    _check_x(x, pool_l, plan)
+    _check_x(x, pool_l, plan, row_scale)
     z = output_buffer(out, (x.shape[0], plan.max_rank), torch.float32, x.device)
     if not want_triton(use_triton, x):
-        return z.copy_(lora_shrink_ref(x, pool_l, plan))
+        return z.copy_(lora_shrink_ref(x, pool_l, plan, row_scale))
     tiles, x = plan.tiles, x.contiguous()
     grid = (plan.seg_adapter.shape[0], triton.cdiv(max(plan.longest, 1), tiles.tokens),
             triton.cdiv(plan.max_rank, tiles.rank))
-    _shrink_kernel[grid](x, pool_l, plan.page_ids, plan.a_start, plan.ranks, plan.seg_starts,
-                         plan.seg_adapter, z, x.shape[1], pool_l.shape[1], plan.a_chunks,
-                         plan.max_rank, x.stride(0), pool_l.stride(0), z.stride(0),
-                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_H=tiles.hidden,
-                         ONE_PAGE=plan.a_chunks == 1)
+    _shrink_kernel[grid](x, pool_l, _scale_arg(row_scale, plan), plan.page_ids, plan.a_start,
+                         plan.ranks, plan.seg_starts, plan.seg_adapter, z, x.shape[1],
+                         pool_l.shape[1], plan.a_chunks, plan.max_rank, x.stride(0),
+                         pool_l.stride(0), z.stride(0), BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank,
+                         BLOCK_H=tiles.hidden, ONE_PAGE=plan.a_chunks == 1,
+                         INT8=row_scale is not None)
     return z
 
 
-def lora_expand(z, pool_l, plan: LoRAPlan, out_dim, *, out=None,
+def lora_expand(z, pool_l, plan: LoRAPlan, out_dim, *, row_scale=None, dtype=None, out=None,
                 use_triton: Optional[bool] = None):
-    """z [N, >= Rm] float32 -> delta [N, O] in the pool's dtype, delta[t] = scales[s] z[t] B_s^T."""
-    _check_pool(pool_l, plan, out_dim)
+    """z [N, >= Rm] float32 -> delta [N, O] in dtype (default and for float rows: the pool's),
+    delta[t] = scales[s] z[t] B_s^T."""
+    _check_pool(pool_l, plan, row_scale, out_dim)
     if z.dim() != 2 or z.shape[0] != plan.n_tokens or z.shape[1] < plan.max_rank \
             or z.dtype != torch.float32 or z.device != pool_l.device:
         raise ValueError(f"z {tuple(z.shape)} {z.dtype} on {z.device} must be float32 "
                          f"[{plan.n_tokens}, >= {plan.max_rank}] on {pool_l.device}")
-    delta = output_buffer(out, (z.shape[0], out_dim), pool_l.dtype, z.device)
+    dtype = _activations(pool_l, row_scale, dtype)
+    delta = output_buffer(out, (z.shape[0], out_dim), dtype, z.device)
     if not want_triton(use_triton, z):
-        return delta.copy_(lora_expand_ref(z, pool_l, plan, out_dim))
+        return delta.copy_(lora_expand_ref(z, pool_l, plan, out_dim, row_scale, dtype))
     tiles, z, H = plan.tiles, z.contiguous(), pool_l.shape[1]
     per_chunk = triton.cdiv(min(out_dim, H), tiles.out)   # output blocks per page; O <= H: as one
     grid = (plan.seg_adapter.shape[0], triton.cdiv(max(plan.longest, 1), tiles.tokens),
             triton.cdiv(out_dim, H) * per_chunk)
-    _expand_kernel[grid](z, pool_l, plan.page_ids, plan.b_start, plan.ranks, plan.scales,
-                         plan.seg_starts, plan.seg_adapter, delta, out_dim, H, plan.b_chunks,
-                         z.stride(0), pool_l.stride(0), delta.stride(0),
-                         BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank, BLOCK_O=tiles.out,
-                         ONE_PAGE=plan.b_chunks == 1)
+    _expand_kernel[grid](z, pool_l, _scale_arg(row_scale, plan), plan.page_ids, plan.b_start,
+                         plan.ranks, plan.scales, plan.seg_starts, plan.seg_adapter, delta,
+                         out_dim, H, plan.b_chunks, z.stride(0), pool_l.stride(0),
+                         delta.stride(0), BLOCK_T=tiles.tokens, BLOCK_R=tiles.rank,
+                         BLOCK_O=tiles.out, ONE_PAGE=plan.b_chunks == 1,
+                         INT8=row_scale is not None)
     return delta
 
 
-def lora_apply(x, pool_l, plan: LoRAPlan, out_dim, use_triton: Optional[bool] = None):
-    """delta [N, O] = scales[s] (x A_s^T) B_s^T for x [N, I] of one layer: shrink then expand
-    on a GPU; on a CPU lora_runs over views of the pool rows."""
+def lora_apply(x, pool_l, plan: LoRAPlan, out_dim, use_triton: Optional[bool] = None,
+               row_scale=None):
+    """delta [N, O] = scales[s] (x A_s^T) B_s^T for x [N, I] of one layer, in x's dtype: shrink
+    then expand on a GPU; on a CPU lora_runs over views of the pool rows (dequantized copies of
+    int8 rows)."""
     if want_triton(use_triton, x):
-        z = lora_shrink(x, pool_l, plan, use_triton=True)
-        return lora_expand(z, pool_l, plan, out_dim, use_triton=True)
-    _check_x(x, pool_l, plan, out_dim)
+        z = lora_shrink(x, pool_l, plan, row_scale=row_scale, use_triton=True)
+        return lora_expand(z, pool_l, plan, out_dim, row_scale=row_scale, dtype=x.dtype,
+                           use_triton=True)
+    _check_x(x, pool_l, plan, row_scale, out_dim)
     I = x.shape[1]
-    runs = [(t0, t1, page_rows(pool_l, a, plan.a_chunks, I),
-             page_rows(pool_l, b, plan.b_chunks, out_dim), scale)
+    runs = [(t0, t1, page_rows(pool_l, a, plan.a_chunks, I, row_scale),
+             page_rows(pool_l, b, plan.b_chunks, out_dim, row_scale), scale)
             for t0, t1, a, b, scale in plan.runs]
     delta = lora_runs(x, runs, out_dim)
     return x.new_zeros(x.shape[0], out_dim) if delta is None else delta
@@ -364,11 +399,13 @@ def lora_runs(x, runs, out_dim):
 
 
 # ---------------------------------------------------------------- the padded-bmm baseline
-def pad_adapters(pool, tables, in_dim, out_dim):
+def pad_adapters(pool, tables, in_dim, out_dim, dtype=None, row_scale=None):
     """The copy S-LoRA avoids: every slot's A and B^T from its pages into zero-padded tensors,
-    pool [L, P, H] -> A [L, S, Rm, I], Bt [L, S, Rm, O], each slot's scale folded into Bt.
-    tables: one target's page_ids, a_start, b_start, ranks, scales, a_chunks and b_chunks
-    (paging.AdapterTables, or a LoRAPlan)."""
+    pool [L, P, H] -> A [L, S, Rm, I], Bt [L, S, Rm, O] in dtype (default: the pool's), each
+    slot's scale folded into Bt. tables: one target's page_ids, a_start, b_start, ranks, scales,
+    a_chunks and b_chunks (paging.AdapterTables, or a LoRAPlan); int8 rows: row_scale [L, P]."""
+    if row_scale is not None:                                         # dequantized, then padded
+        pool = (pool.float() * row_scale[..., None]).to(dtype or torch.float32)
     L, _, H = pool.shape
     ranks, (ca, cb) = tables.ranks, (tables.a_chunks, tables.b_chunks)
     S, Rm = ranks.shape[0], int(ranks.max()) if ranks.numel() else 0
@@ -394,6 +431,7 @@ def bmm_lora(x, A_l, Bt_l, slots):
 # ---------------------------------------------------------------- argument checks
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _F32 = (torch.float32,)
+_I8 = (torch.int8,)
 INTS = (torch.int32, torch.int64)
 
 
@@ -421,8 +459,11 @@ def check_ranges(checks):
             raise ValueError(f"{name}{list(idx)} = {t[idx].item()} is outside [{lo}, {hi})")
 
 
-def _check_pool(pool_l, plan, out_dim=None):
-    check_tensor("pool_l", pool_l, 2, FLOATS, plan.page_ids.device)
+def _check_pool(pool_l, plan, row_scale=None, out_dim=None):
+    dev = plan.page_ids.device
+    check_tensor("pool_l", pool_l, 2, FLOATS if row_scale is None else _I8, dev)
+    if row_scale is not None:
+        check_tensor("row_scale", row_scale, 1, _F32, dev, pool_l.shape[0])
     if pool_l.shape[0] != plan.n_pages:
         raise ValueError(f"pool_l has {pool_l.shape[0]} pages, the plan {plan.n_pages}")
     width = plan.b_chunks * pool_l.shape[1]       # C_B pages of H numbers per row of B^T
@@ -430,14 +471,31 @@ def _check_pool(pool_l, plan, out_dim=None):
         raise ValueError(f"out_dim must be an int in [1, {width}], got {out_dim!r}")
 
 
-def _check_x(x, pool_l, plan, out_dim=None):
-    _check_pool(pool_l, plan, out_dim)
+def _check_x(x, pool_l, plan, row_scale=None, out_dim=None):
+    _check_pool(pool_l, plan, row_scale, out_dim)
     check_tensor("x", x, 2, FLOATS, pool_l.device)
     width = plan.a_chunks * pool_l.shape[1]       # C_A pages of H numbers per row of A
-    if x.shape[0] != plan.n_tokens or not 1 <= x.shape[1] <= width or x.dtype != pool_l.dtype:
+    if x.shape[0] != plan.n_tokens or not 1 <= x.shape[1] <= width \
+            or (row_scale is None and x.dtype != pool_l.dtype):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit a plan of {plan.n_tokens} "
                          f"tokens and rows of A of at most {width} numbers over pool_l "
                          f"{tuple(pool_l.shape)} {pool_l.dtype}")
+
+
+def _activations(pool_l, row_scale, dtype):
+    """The activations' dtype: float rows' own (dtype, if given, must match); int8 rows need it."""
+    if row_scale is None:
+        if dtype not in (None, pool_l.dtype):
+            raise ValueError(f"dtype {dtype} differs from the pool's {pool_l.dtype}")
+        return pool_l.dtype
+    if dtype not in FLOATS:
+        raise ValueError(f"int8 rows need the activations' dtype, one of {FLOATS}; got {dtype}")
+    return dtype
+
+
+def _scale_arg(row_scale, plan):
+    """row_scale, or for float rows any float32 tensor (the kernel does not read it)."""
+    return plan.scales if row_scale is None else row_scale
 
 
 def output_buffer(out, shape, dtype, device):
@@ -463,15 +521,20 @@ def want_triton(use_triton, x):
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def kernel_variants():
-    """Every launch the engine can make: (label, pool dtype, kernel, constexprs)."""
+def kernel_variants(int8_dtypes=(torch.float32, torch.bfloat16)):
+    """Every launch the engine can make: (label, activations' dtype, kernel, constexprs); float
+    rows in the activations' dtype, and int8 rows (INT8) beside activations of int8_dtypes."""
     for dtype in TRITON_TYPES:
-        for shape, t in (("decode", DECODE_TILES), ("prefill", PREFILL_TILES)):
-            for one_page, rows in ((True, ""), (False, ", rows over pages")):   # C = 1, C > 1
-                yield f"shrink {shape}{rows}", dtype, _shrink_kernel, dict(
-                    BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_H=t.hidden, ONE_PAGE=one_page)
-                yield f"expand {shape}{rows}", dtype, _expand_kernel, dict(
-                    BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_O=t.out, ONE_PAGE=one_page)
+        for int8 in (False, True) if dtype in int8_dtypes else (False,):
+            for shape, t in (("decode", DECODE_TILES), ("prefill", PREFILL_TILES)):
+                for one_page, rows in ((True, ""), (False, ", rows over pages")):   # C = 1, C > 1
+                    label = f"{shape}{rows}{', int8 rows' if int8 else ''}"
+                    yield f"shrink {label}", dtype, _shrink_kernel, dict(
+                        BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_H=t.hidden, ONE_PAGE=one_page,
+                        INT8=int8)
+                    yield f"expand {label}", dtype, _expand_kernel, dict(
+                        BLOCK_T=t.tokens, BLOCK_R=t.rank, BLOCK_O=t.out, ONE_PAGE=one_page,
+                        INT8=int8)
 
 
 def compile_for(kernel, dtype, constexprs, arch):
@@ -479,8 +542,11 @@ def compile_for(kernel, dtype, constexprs, arch):
     sm_{arch} by Triton's own ptxas (no GPU needed), typed as the engine launches it."""
     if _INTERPRETED:   # the interpreter replaces the kernels and changes how triton.language acts
         raise RuntimeError("compiling for a GPU needs TRITON_INTERPRET unset")
-    types = {"z_ptr": "*fp32", "scales_ptr": "*fp32", "sm_scale": "fp32",
-             **{a: "*" + TRITON_TYPES[dtype] for a in ("x_ptr", "pool_ptr", "out_ptr", "q_ptr")}}
+    types = {**{a: "*fp32" for a in ("z_ptr", "u_ptr", "grad_ptr", "scales_ptr", "row_scale_ptr")},
+             **{a: "*" + TRITON_TYPES[dtype] for a in ("x_ptr", "v_ptr", "pool_ptr", "out_ptr",
+                                                       "q_ptr")}, "sm_scale": "fp32"}
+    if constexprs.get("INT8"):
+        types["pool_ptr"] = "*i8"
     signature = {a: types.get(a, "*i32" if a.endswith("_ptr") else "i32") for a in kernel.arg_names}
     signature.update((a, "constexpr") for a in constexprs)
     compiled = triton.compile(ASTSource(kernel, signature, constexprs),
@@ -499,6 +565,6 @@ def print_compiled(variants):
     """One line per variant: registers, spilled bytes and shared memory for sm_80 and sm_90."""
     for label, dtype, kernel, constexprs in variants:
         cells = [compile_for(kernel, dtype, constexprs, arch) for arch in (80, 90)]
-        print(f"{label:<32} {TRITON_TYPES[dtype]:<5}"
+        print(f"{label:<42} {TRITON_TYPES[dtype]:<5}"
               + "".join(f" | sm_{a}: regs {r:>3d} spill {s:>3d} smem {m:>6d}"
                         for a, (r, s, m) in zip((80, 90), cells)))

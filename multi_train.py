@@ -20,8 +20,9 @@ To equal a run of train.py alone, adapter s draws what that run draws: its A fro
 generator seeded with its seed (lora.LoRALinear, in add_lora's module order), its dropout masks
 from a generator of that seed, each of the shape its rows have alone (rows padded to its own
 longest, not the joint batch's).
-Simplified: on the CPU the segments are a loop of plain torch products through autograd (what
-kernels.py runs on a CPU); the Triton shrink/expand with a backward for the GPU are not written.
+On a GPU the layers are GatheredLoRA: one call of S-LoRA's shrink and expand per projection,
+with their backward (kernels_train.py); on the CPU SegmentedLoRA, a loop of plain torch products
+through autograd (what kernels.py runs on a CPU).
 Every adapter shares --steps, --warmup, --batch-size, --grad-accum and --dtype; each may set its
 own rank, alpha, targets, lr, dropout and seed.
 Demo: `python train.py --data my.jsonl --data my.jsonl:name=r8,rank=8,targets=q,v --out runs/multi`;
@@ -43,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+import kernels_train
 
 from lora import (TARGET_NAMES, AdapterError, LoRAConfig, LoRALinear, peft_key, read_adapter,
                   save_adapter)
@@ -201,27 +204,63 @@ class SegmentedLoRA(nn.Module):
         self.lora_A[name], self.lora_B[name] = one.lora_A, one.lora_B
         self.scale[name], self.p[name] = cfg.scale, cfg.dropout
 
+    def dropped(self, x, s: Segment):
+        """dropout_s of segment s's rows x[s.start:s.end, :s.length] [b_s, T_s, I], with the
+        mask its rows draw alone (nn.Dropout's)."""
+        xs, p = x[s.start:s.end, :s.length], self.p[s.name]
+        if self.training and p > 0:
+            keep = torch.empty_like(xs).bernoulli_(1 - p, generator=s.generator)
+            xs = xs * keep.div_(1 - p)
+        return xs
+
     def forward(self, x):  # x [B, T, I] -> [B, T, O]
         y = self.base(x)                                               # x W0^T, every row at once
         for s in self.segments:
             if s.name not in self.lora_A:
                 continue
-            xs = x[s.start:s.end, :s.length]                           # [b_s, T_s, I]
-            p = self.p[s.name]
-            if self.training and p > 0:   # the mask its rows draw alone (nn.Dropout's)
-                keep = torch.empty_like(xs).bernoulli_(1 - p, generator=s.generator)
-                xs = xs * keep.div_(1 - p)
-            delta = self.lora_B[s.name](self.lora_A[s.name](xs))       # [b_s, T_s, r] -> [.., O]
+            delta = self.lora_B[s.name](self.lora_A[s.name](self.dropped(x, s)))   # [b_s, T_s, O]
             y[s.start:s.end, :s.length] += self.scale[s.name] * delta
         return y
+
+
+class GatheredLoRA(SegmentedLoRA):
+    """SegmentedLoRA with every segment's LoRA in one call of S-LoRA's shrink and expand and their
+    backward (kernels_train.segment_lora: Triton on a GPU). A segment's rows are T tokens each
+    here, its padding included: nothing reads a padded position (causal attention, no loss), so
+    its gradient there is zero and no adapter's gradient changes."""
+
+    def __init__(self, base: nn.Linear, use_triton: Optional[bool] = None):
+        super().__init__(base)
+        self.use_triton = use_triton
+
+    def forward(self, x):  # x [B, T, I] -> [B, T, O]
+        y = self.base(x)                                               # x W0^T, every row at once
+        names = [s.name for s in self.segments if s.name in self.lora_A]
+        if not names:
+            return y
+        B, T, I = x.shape
+        x_in = x.clone() if self.training and any(self.p[n] > 0 for n in names) else x
+        for s in self.segments:
+            if x_in is not x and s.name in names:
+                x_in[s.start:s.end, :s.length] = self.dropped(x, s)
+        delta = kernels_train.segment_lora(
+            x_in.reshape(B * T, I), [len(range(B)[s.start:s.end]) * T for s in self.segments],
+            [1 + names.index(s.name) if s.name in names else 0 for s in self.segments],
+            [self.scale[n] for n in names], [self.lora_A[n].weight for n in names],
+            [self.lora_B[n].weight for n in names], self.use_triton)             # [B T, O]
+        return y + delta.view(B, T, -1).to(y.dtype)
 
 
 class MultiLoRA:
     """The base model with every job's adapter on its targets, and each adapter's parameters,
     its layers for the PEFT file, and its dropout generator."""
 
-    def __init__(self, net: Llama, jobs: List[Job]):
+    def __init__(self, net: Llama, jobs: List[Job], gathered: Optional[bool] = None):
+        """gathered: the layers are GatheredLoRA (S-LoRA's kernels and their backward; default
+        on a GPU), else SegmentedLoRA (a loop of torch products)."""
         self.net, self.jobs = net, {j.name: j for j in jobs}
+        on_gpu = net.lm_head.weight.is_cuda
+        make = GatheredLoRA if (on_gpu if gathered is None else gathered) else SegmentedLoRA
         sites = [(f"{pname}.{attr}" if pname else attr, parent, attr)
                  for pname, parent in net.named_modules() for attr, child in parent.named_children()
                  if attr in TARGET_NAMES.values() and isinstance(child, nn.Linear)]
@@ -237,7 +276,7 @@ class MultiLoRA:
                     continue
                 seg = getattr(parent, attr)
                 if not isinstance(seg, SegmentedLoRA):
-                    seg = SegmentedLoRA(seg)
+                    seg = make(seg)
                     setattr(parent, attr, seg)
                     self.modules.append(seg)
                 seg.add(job.name, lcfg)
@@ -345,11 +384,12 @@ def validation_loss(multi: MultiLoRA, name: str, batch_size: int) -> float:
 # ------------------------------------------------------------------ the loop, checkpoints
 
 def train_together(net: Llama, jobs: List[Job], out_dir: Optional[str] = None,
-                   resume: Optional[str] = None, log=print) -> tuple:
+                   resume: Optional[str] = None, log=print, gathered: Optional[bool] = None) -> tuple:
     """Train every job's adapter in joint batches; validation, checkpoints (out_dir/checkpoint-N/
-    <name>) and progress as trainer.train, per adapter. (MultiLoRA, {name: history})."""
+    <name>) and progress as trainer.train, per adapter (gathered: MultiLoRA's). (MultiLoRA,
+    {name: history})."""
     check_names([j.name for j in jobs])
-    cfg, multi = jobs[0].cfg, MultiLoRA(net, jobs)
+    cfg, multi = jobs[0].cfg, MultiLoRA(net, jobs, gathered)
     opts = {j.name: torch.optim.AdamW(multi.parameters(j.name), lr=j.cfg.lr,
                                       weight_decay=j.cfg.weight_decay) for j in jobs}
     hist = {j.name: {"losses": [], "val_losses": []} for j in jobs}

@@ -17,6 +17,9 @@ size); the price is the unused tail of a row's last page. SmolLM2 (H 576, ffn_di
 3 pages hold the 1536 numbers of a gate/up/down row in 1728 slots, 11% waste; a rank-r adapter on
 all seven projections takes r (2 + 2 + 2 + 2 + 4 + 4 + 4) = 20 r pages, 8 r of them for q, k, v, o.
 
+With adapter_dtype int8 (Int8Rows) four quantized rows share the bytes of a float32 page (two of
+a bfloat16 one): a rank-r adapter takes a quarter (a half) of the pages, and the kernels read a
+quarter of the bytes.
 The adapters wait in host memory (adapters.py: HostAdapter; HostStore when a host limit keeps
 most of them on disk). An adapter is copied into the pool when a request needs it, stays while a
 running request uses it (a reference count), and is evicted, least recently used first, only
@@ -44,6 +47,7 @@ import torch
 import cli
 import pool_view
 from adapters import SERVABLE, HostAdapter, OnDisk, row_pages, target_shapes, target_widths
+from quant import ROWS
 from lora import AdapterError
 
 KV, ADAPTER = "kv", "adapter"   # the two kinds of page owner
@@ -67,18 +71,25 @@ class PoolConfig:
     dtype: str = cli.flag("float32", "torch dtype of the pool")
     device: str = cli.flag("cpu", "device of the pool")
     ffn_dim: int = cli.flag(32, "F, the MLP width (input of down_proj, output of gate and up)")
+    adapter_dtype: str = cli.flag("float", "adapter rows in the pool: float (the pool's dtype) or "
+                                           "int8 (quantized per row, 4 rows per float32 page)")
+
+    def __post_init__(self):
+        if self.adapter_dtype not in ROWS:
+            raise ValueError(f"adapter_dtype must be one of {list(ROWS)}, got "
+                             f"{self.adapter_dtype!r}")
 
     @property
     def kv_dim(self) -> int:
         return self.dim // self.tokens_per_page
 
     @staticmethod
-    def for_model(model_cfg, n_pages: int, dtype: str = "float32",
-                  device: str = "cpu") -> "PoolConfig":
+    def for_model(model_cfg, n_pages: int, dtype: str = "float32", device: str = "cpu",
+                  adapter_dtype: str = "float") -> "PoolConfig":
         """From a model.ModelConfig (dim, n_layers, n_heads, n_kv_heads, ffn_dim)."""
         return PoolConfig(model_cfg.n_layers, n_pages, model_cfg.dim,
                           model_cfg.n_heads // model_cfg.n_kv_heads, dtype, device,
-                          model_cfg.ffn_dim)
+                          model_cfg.ffn_dim, adapter_dtype)
 
 
 @dataclass(frozen=True)
@@ -142,8 +153,10 @@ class PageAllocator:
 
 @dataclass
 class Resident:
-    """An adapter copied into the pool: per target its r (C_A + C_B) pages (A, then B^T)."""
+    """An adapter copied into the pool: per target its r (C_A + C_B) rows (A, then B^T), each
+    row's id a page (float rows) or an int8 row (Int8Rows); taken: the pool pages they fill."""
     pages: Dict[str, List[int]]
+    taken: List[int]
     refs: int = 0                    # running requests that use it; evictable only at 0
     ready: Optional[object] = None   # torch.cuda.Event recorded after an asynchronous copy
 
@@ -167,6 +180,7 @@ class UnifiedPool:
         self.cfg, self.g = cfg, cfg.tokens_per_page
         self.tensor = torch.zeros(cfg.n_layers, cfg.n_pages, cfg.dim,
                                   dtype=getattr(torch, cfg.dtype), device=cfg.device)  # [L, P, H]
+        self.rows = ROWS[cfg.adapter_dtype](self.tensor)   # how adapter rows fill pages
         self.alloc = PageAllocator(cfg.n_pages)
         self.blocks: Dict[int, List[Tuple[int, int]]] = {}   # seq -> [(K page, V page)] per block
         self.host: Dict[str, HostAdapter] = {}
@@ -176,11 +190,15 @@ class UnifiedPool:
     def stats(self) -> PoolStats:
         return self.alloc.stats()
 
+    def pages_for(self, adapter: HostAdapter) -> int:
+        """Pool pages the adapter fills when loaded: its rows (adapter.n_pages), k to a page."""
+        return math.ceil(adapter.n_pages / self.rows.per_page)
+
     def _take(self, n: int, owner: str, keep: frozenset = frozenset()) -> List[int]:
         """n pages, evicting unused adapters if needed: least recently used first, never one in
         keep. Used adapters are never evicted: their requests are running."""
         unused = [name for name, res in self.resident.items() if res.refs == 0 and name not in keep]
-        evictable = sum(self.host[name].n_pages for name in unused)
+        evictable = sum(len(self.resident[name].taken) for name in unused)
         if self.alloc.n_free + evictable < n:
             raise PoolFullError(f"need {n} pages: {self.alloc.n_free} free and {evictable} in "
                                 "unused adapters")
@@ -257,22 +275,22 @@ class UnifiedPool:
             return
         ad = self.host[name]
         weights = {t: ad.weights[t] for t in ad.targets}   # first: a read may fail, no page taken
-        flat, pages, start = self._take(ad.n_pages, ADAPTER, keep), {}, 0
+        taken, k = self._take(self.pages_for(ad), ADAPTER, keep), self.rows.per_page
+        flat, pages, start = [k * p + i for p in taken for i in range(k)], {}, 0   # row ids
         for t in ad.targets:
             n = ad.rank * sum(ad.chunks(t))                                 # r (C_A + C_B)
             pages[t], start = flat[start:start + n], start + n
-        res = Resident(pages)
+        res = Resident(pages, taken)
         if self.copy_stream is None:
             for t in ad.targets:
-                self.tensor[:, pages[t]] = weights[t].to(self.tensor.dtype)   # [L, r (C_A + C_B), H]
+                self.rows.write(pages[t], weights[t])                  # [L, r (C_A + C_B), H]
         else:
             # The pages may have been freed by work still queued on the compute stream: wait.
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.tensor.device))
             with torch.cuda.stream(self.copy_stream):
                 for t in ad.targets:
                     idx = torch.tensor(pages[t], device=self.tensor.device)
-                    w = weights[t].to(self.tensor.device, non_blocking=True)
-                    self.tensor[:, idx] = w.to(self.tensor.dtype)
+                    self.rows.write(idx, weights[t].to(self.tensor.device, non_blocking=True))
                 res.ready = torch.cuda.Event()
                 res.ready.record(self.copy_stream)
         self.resident[name] = res
@@ -300,7 +318,7 @@ class UnifiedPool:
             raise ValueError(f"adapter {name!r} is used by {res.refs} running requests")
         if res.ready is not None:   # the pages may be reused on the compute stream: copy first
             torch.cuda.current_stream(self.tensor.device).wait_event(res.ready)
-        self.alloc.free([p for pages in self.resident.pop(name).pages.values() for p in pages])
+        self.alloc.free(self.resident.pop(name).taken)
 
     def prefetch(self, names: Sequence[str]) -> List[str]:
         """Load the adapters of the next likely requests, in order, while room allows without

@@ -32,9 +32,8 @@ def page_owners(pool) -> List[Optional[Tuple[str, str]]]:
         for k_page, v_page in blocks:
             owners[k_page] = owners[v_page] = ("request", str(seq))
     for name, res in pool.resident.items():
-        for pages in res.pages.values():
-            for p in pages:
-                owners[p] = ("adapter", name)
+        for p in res.taken:
+            owners[p] = ("adapter", name)
     return owners
 
 

@@ -99,7 +99,8 @@ class ModelRunner:
         """The step's LoRA function (x [N, I], layer, target) -> delta [N, O] or None: each
         target's tables planned once, then every layer reads its pool pages (kernels.py)."""
         seg_starts, seg_adapter = slots.segments()
-        plans = {target: kernels.plan_lora(self.pool.tensor[0], t.page_ids, t.a_start, t.b_start,
+        rows0, _ = self.pool.rows.layer(0)              # [P, H] float rows or [k P, H] int8 ones
+        plans = {target: kernels.plan_lora(rows0, t.page_ids, t.a_start, t.b_start,
                                            t.ranks, t.scales, seg_starts, seg_adapter,
                                            int(t.ranks.max()), per_token=not slots.prefill,
                                            a_chunks=t.a_chunks, b_chunks=t.b_chunks)
@@ -108,8 +109,9 @@ class ModelRunner:
         def lora(x, layer, target):
             if target not in plans:
                 return None
-            pool_l = self.pool.tensor[layer]                                       # [P, H]
-            return kernels.lora_apply(x, pool_l, plans[target], self.out_dim[target])
+            rows_l, row_scale = self.pool.rows.layer(layer)
+            return kernels.lora_apply(x, rows_l, plans[target], self.out_dim[target],
+                                      row_scale=row_scale)
         return lora if plans else None
 
     @staticmethod

@@ -51,7 +51,8 @@ from lora import AdapterError
 from model import Llama, ModelConfig
 from scheduler import State
 
-MODES = (*ENGINES, "base")
+MODES = (*ENGINES, "slora-int8", "base")   # slora-int8: slora with --adapter-dtype int8
+COMPARED = tuple(m for m in MODES if m != "slora")   # the report's slora / mode ratios
 
 
 @dataclass
@@ -69,7 +70,8 @@ class TraceConfig:
 
 @dataclass
 class BenchConfig:
-    modes: str = cli.flag(",".join(MODES), "modes to compare, comma separated")
+    modes: str = cli.flag(",".join((*ENGINES, "base")), f"modes to compare, comma separated "
+                                                        f"(of {', '.join(MODES)})")
     slo: float = cli.flag(5.0, "first-token SLO (s) for attainment (--ttft-slo also aborts)")
     base: Optional[str] = cli.flag(None, "GGUF file or HF directory (default: random weights of "
                                          "SmolLM2's shape; with --port the real SmolLM2)", str)
@@ -160,6 +162,7 @@ def replay(engine: Engine, trace: List[dict], names: List[Optional[str]], slo: f
     decode = [st for st in engine.stats if st.decode]
     mc, elem = engine.model.config, engine.pool.tensor.element_size()
     per_layer_mib = mc.n_layers * elem / 2**20        # MiB per number read in every layer
+    adapter_mib = mc.n_layers * engine.pool.rows.number_bytes / 2**20   # int8 rows: 1 + scale
 
     def mean(xs):
         return float(np.mean(xs)) if xs else float("nan")
@@ -169,7 +172,7 @@ def replay(engine: Engine, trace: List[dict], names: List[Optional[str]], slo: f
             "slo": sum(r.first_token_at - r.arrival <= slo for r in done) / len(reqs),
             "aborted": sum(r.state == State.ABORTED for r in reqs),
             "decode_step": mean([st.seconds for st in decode]),
-            "lora_mib": mean([st.lora_numbers * per_layer_mib for st in decode]),
+            "lora_mib": mean([st.lora_numbers * adapter_mib for st in decode]),
             "kv_mib": mean([st.cached_tokens * 2 * mc.kv_dim * per_layer_mib for st in decode]),
             "steps": len(engine.stats)}
 
@@ -216,19 +219,22 @@ def report(rows: Dict[str, dict], model: Llama):
     if "slora" not in rows:
         return
     r = rows["slora"]
-    for other in ("merged", "no-unified", "bmm", "base"):
+    for other in COMPARED:
         if other in rows:
             print(f"slora / {other} throughput: {r['req/s'] / rows[other]['req/s']:.2f}x")
     bw = kernel_bench.copy_bandwidth(model.lm_head.weight.device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    lora, kv, mib = r["lora_mib"] * 2**20, r["kv_mib"] * 2**20, 2**20
-    floor = (weights + lora + kv) / bw
-    print(f"slora decode step {1000 * r['decode_step']:.0f} ms; bandwidth floor = (weights "
-          f"{weights / mib:.0f} MiB + adapters {lora / mib:.0f} MiB + KV cache {kv / mib:.0f} MiB) "
-          f"/ copy bandwidth {bw / 2**30:.1f} GiB/s = {1000 * floor:.0f} ms: "
-          f"{r['decode_step'] / floor:.1f}x the floor")
-    print(f"the adapters a decode step reads are {lora / weights:.2f} of the base weights: at the "
-          f"floor a slora step costs {(weights + lora + kv) / (weights + kv):.2f}x a base-model step")
+    weights, mib = sum(p.numel() * p.element_size() for p in model.parameters()), 2**20
+    for mode in [m for m in ("slora", "slora-int8") if m in rows]:
+        r = rows[mode]
+        lora, kv = r["lora_mib"] * mib, r["kv_mib"] * mib
+        floor = (weights + lora + kv) / bw
+        print(f"{mode} decode step {1000 * r['decode_step']:.0f} ms; bandwidth floor = (weights "
+              f"{weights / mib:.0f} MiB + adapters {lora / mib:.0f} MiB + KV cache "
+              f"{kv / mib:.0f} MiB) / copy bandwidth {bw / 2**30:.1f} GiB/s = "
+              f"{1000 * floor:.0f} ms: {r['decode_step'] / floor:.1f}x the floor")
+        print(f"the adapters a {mode} decode step reads are {lora / weights:.3f} of the base "
+              f"weights: at the floor its step costs {(weights + lora + kv) / (weights + kv):.2f}x "
+              "a base-model step")
 
 
 # ------------------------------------------------------------------ one device or several
@@ -239,6 +245,13 @@ def base_model(b: BenchConfig) -> Llama:
     if b.base:
         return load_model(b.base, b.dtype, b.ignore_config_key)[0]
     return Llama(ModelConfig(n_layers=b.layers)).to(getattr(torch, b.dtype)).eval()
+
+
+def engine_for(mode: str, model: Llama, e: EngineConfig) -> Engine:
+    """The engine of a mode: baselines.ENGINES, slora-int8 (slora, int8 adapter rows) or base
+    (slora, run without adapters)."""
+    options = {**asdict(e), **({"adapter_dtype": "int8"} if mode == "slora-int8" else {})}
+    return ENGINES.get(mode, Engine)(model, None, **options)
 
 
 def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[List[Dict[str, dict]]]:
@@ -262,11 +275,14 @@ def benchmark(b: BenchConfig, t: TraceConfig, e: EngineConfig) -> Optional[List[
     model = base_model(b).to(device)
 
     def make_engine(mode):
-        return ENGINES.get(mode, Engine)(model, None, **asdict(e))   # base: slora without adapters
+        return engine_for(mode, model, e)
     if b.repeat < 1:
         raise SystemExit(f"--repeat must be at least 1, got {b.repeat}")
-    runs = [{mode: row for mode, _, row in replay_modes(model, modes, b, t, make_engine, print)}
-            for _ in range(b.repeat)]
+    try:
+        runs = [{mode: row for mode, _, row in replay_modes(model, modes, b, t, make_engine, print)}
+                for _ in range(b.repeat)]
+    except ValueError as err:    # an engine option the mode refuses (--adapter-dtype int8)
+        raise SystemExit(f"serve.py: {err}")
     report(runs[-1], model)
     if b.repeat > 1:
         report_repeats(runs)
@@ -317,7 +333,7 @@ def _figure_xs(flag: str, b: BenchConfig, field: str, kind) -> list:
 def report_repeats(runs: List[Dict[str, dict]]):
     """Arrivals follow the wall clock, so batches differ from run to run: the median and the
     range of each throughput ratio over the repeated replays."""
-    for other in ("merged", "no-unified", "bmm", "base"):
+    for other in COMPARED:
         if "slora" in runs[0] and other in runs[0]:
             ratios = sorted(r["slora"]["req/s"] / r[other]["req/s"] for r in runs)
             print(f"slora / {other} throughput over {len(runs)} runs: median "

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import attention  # noqa: E402
 import kernels  # noqa: E402
+import kernels_train  # noqa: E402
 import lora  # noqa: E402
 import checkpoints as C  # noqa: E402
 import tokenizer as tok_mod  # noqa: E402
@@ -57,6 +58,8 @@ from tokenizer import ByteTokenizer  # noqa: E402
 from model import Llama, ModelConfig  # noqa: E402
 from paging import (ADAPTER, KV, HostAdapter, PageAllocator, PoolConfig, PoolFullError,  # noqa: E402
                     UnifiedPool, kv_pages)
+import quant  # noqa: E402
+from quant import quantize_rows  # noqa: E402
 from scheduler import Request, RequestRejected, Scheduler, SchedulerConfig, State  # noqa: E402
 
 REAL_MODEL = os.environ.get("LORA_MODEL_PATH")
@@ -1097,18 +1100,24 @@ def _multi_jobs(common):
             for i, (name, opts) in enumerate(MULTI.items())]
 
 
-def test_adapters_trained_together_equal_each_trained_alone(tmp_path):
+@pytest.mark.parametrize("gathered", [False, True])
+def test_adapters_trained_together_equal_each_trained_alone(tmp_path, gathered):
     """Three adapters of different ranks, alphas, learning rates, dropouts and targets, one with
     rows five times longer, trained in joint batches (one base forward for all rows, segments):
     after 4 steps of 2 micro-batches with clipping, each adapter's A, B, training and validation
     losses equal the same adapter trained alone by trainer.train (as train.py does: its seed, its
-    rows in the same order); the saved PEFT directory loads like any other."""
+    rows in the same order); the saved PEFT directory loads like any other. gathered: the layers
+    run kernels_train.SegmentLoRA (the GPU's path; here the kernels' references, the Triton ones
+    are checked against them in the kernels section) instead of the loop of torch products."""
     torch.manual_seed(0)
     base = Llama(ModelConfig.tiny()).eval()
     common = trainer.LoopConfig(steps=4, warmup=1, batch_size=2, grad_accum=2, lr=1e-2,
                                 max_grad_norm=0.5, eval_every=2, log_every=2)
     jobs = _multi_jobs(common)
-    multi, hist = multi_train.train_together(copy.deepcopy(base), jobs, log=lambda s: None)
+    multi, hist = multi_train.train_together(copy.deepcopy(base), jobs, log=lambda s: None,
+                                             gathered=gathered)
+    kind = multi_train.GatheredLoRA if gathered else multi_train.SegmentedLoRA
+    assert multi.modules and all(type(m) is kind for m in multi.modules)
     for job in jobs:
         torch.manual_seed(job.cfg.seed)
         net, lcfg = trainer.prepare(copy.deepcopy(base), job.cfg)
@@ -1594,6 +1603,87 @@ def test_rows_over_several_pages_equal_dense_lora(H, in_dim, out_dim, dtype):
                           17, a_chunks=ad.chunks[0], b_chunks=ad.chunks[1] + 1)   # tables of other widths
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,in_dim,out_dim", [(32, 32, 24), (32, 88, 32), (32, 32, 88)])
+def test_int8_rows_equal_the_float_path_on_the_dequantized_adapter(H, in_dim, out_dim, dtype):
+    """Every page of a pool quantized per row (quant.quantize_rows): the int8 kernels through the
+    interpreter, their references and the CPU path equal the float32 path on the dequantized pool
+    q s (float32 tolerance; bfloat16 activations: one rounding of the output), per token and per
+    segment, rows on one page (q, k, v, o) and over several (down's A, gate's and up's B^T)."""
+    ranks, N = [0, 3, 17, 1], 19
+    ad = make_wide_lora(H, in_dim, out_dim, ranks, torch.float32, seed=in_dim + 2 * out_dim)
+    q, row_scale = quantize_rows(ad.pool)                        # [P, H] int8, [P]
+    dequantized = q.float() * row_scale[:, None]                       # [P, H] float32
+    assert ((dequantized - ad.pool).abs() <= row_scale[:, None] / 2 + 1e-7).all()   # half a step
+    g = torch.Generator().manual_seed(4)
+    ids = torch.tensor([1, 2, 2, 0] + torch.randint(0, 4, (N - 4,), generator=g).tolist(),
+                       dtype=torch.int32, device=DEV)
+    x = torch.randn(N, in_dim, generator=g).to(dtype).to(DEV)
+    order, seg_starts, seg_adapter = segments_of(ids)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else TOL[dtype]
+    for xs, segments, per_token in ((x, one_each(ids), True),
+                                    (x[order], (seg_starts, seg_adapter), False)):
+        plan = kernels.plan_lora(q, ad.page_ids, ad.a_start, ad.b_start, ad.ranks, ad.scales,
+                                 *segments, 17, per_token=per_token, a_chunks=ad.chunks[0],
+                                 b_chunks=ad.chunks[1])
+        z_want = kernels.lora_shrink_ref(xs.float(), dequantized, plan)
+        want = kernels.lora_apply(xs.float(), dequantized, plan, out_dim, use_triton=False)
+        z = kernels.lora_shrink(xs, q, plan, row_scale=row_scale, use_triton=True)
+        torch.testing.assert_close(z, z_want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kernels.lora_shrink_ref(xs, q, plan, row_scale), z_want,
+                                   atol=1e-5, rtol=1e-5)
+        for delta in (kernels.lora_expand(z, q, plan, out_dim, row_scale=row_scale, dtype=dtype,
+                                          use_triton=True),
+                      kernels.lora_expand_ref(z, q, plan, out_dim, row_scale, dtype),
+                      kernels.lora_apply(xs, q, plan, out_dim, use_triton=False, row_scale=row_scale)):
+            assert delta.shape == (N, out_dim) and delta.dtype == dtype
+            torch.testing.assert_close(delta.float(), want, **tol)
+    with pytest.raises(ValueError, match="int8 rows need the activations' dtype"):
+        kernels.lora_expand(z, q, plan, out_dim, row_scale=row_scale)
+    with pytest.raises(ValueError, match=r"row_scale must be 1-D with \d+ rows"):
+        kernels.lora_shrink(xs, q, plan, row_scale=row_scale[:-1])
+    with pytest.raises(ValueError, match="pool_l is torch.int8"):
+        kernels.lora_shrink(xs, q, plan)                                 # int8 rows, no scales
+
+
+@pytest.mark.parametrize("I,O", [(40, 24), (24, 88)])    # q/v-like and gate/up-like widths
+def test_segment_lora_forward_and_backward_equal_autograd_on_the_dense_formula(I, O):
+    """kernels_train.segment_lora (SegmentLoRA: shrink, expand and their backward, the segment-wise
+    outer product) through Triton's interpreter and through the references: delta, dL/dx, dL/dA_s
+    and dL/dB_s equal autograd on scale_s (x A_s^T) B_s^T per segment, for 3 adapters of ranks 3,
+    17 and 5 in segments of 20, 7 and 9 tokens (longer than a tile, shorter) among base-model
+    segments; an adapter in two segments is refused."""
+    g = torch.Generator().manual_seed(I + O)
+    ranks, scales = [3, 17, 5], [0.5, 2.0, 1.5]
+    lengths, slots = [7, 0, 20, 5, 9], [2, 0, 1, 0, 3]
+    leaf = lambda *shape: torch.randn(*shape, generator=g).requires_grad_()   # noqa: E731
+    As, Bs = [leaf(r, I) for r in ranks], [leaf(O, r) for r in ranks]
+    x, w = leaf(sum(lengths), I), torch.randn(sum(lengths), O, generator=g)
+
+    def dense():
+        parts, t = [], 0
+        for n, s in zip(lengths, slots):
+            parts.append(scales[s - 1] * (x[t:t + n] @ As[s - 1].T) @ Bs[s - 1].T if s
+                         else torch.zeros(n, O))
+            t += n
+        return torch.cat(parts)
+
+    def run(fn):
+        for p in [x, *As, *Bs]:
+            p.grad = None
+        delta = fn()
+        (delta * w).sum().backward()
+        return [delta.detach()] + [p.grad.clone() for p in [x, *As, *Bs]]
+
+    want = run(dense)
+    for use_triton in (False, True):
+        got = run(lambda: kernels_train.segment_lora(x, lengths, slots, scales, As, Bs, use_triton))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="each adapter's tokens must be one segment"):
+        kernels_train.segment_lora(x, [10, 31], [1, 1], scales, As, Bs)
+
+
 def test_bad_arguments_raise_clear_errors():
     ad = make_lora(16, 16, [0, 2, 3], torch.float32, seed=5)
     x, ids = torch.randn(4, 16, device=DEV), torch.tensor([0, 1, 2, 1], device=DEV)
@@ -1785,7 +1875,7 @@ def test_attention_reads_a_page_slice_whose_width_head_dim_does_not_divide():
 
 
 def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
-    """What the engine can launch (each dtype, decode and prefill tiles, shrink and expand of rows
+    """What the engine can launch (each dtype, float and int8 rows, decode and prefill tiles, shrink and expand of rows
     on one page (q, k, v, o) or over several (down's A, gate's and up's B^T), attention for head
     dims up to 128), compiled by Triton's own ptxas without a GPU: every variant for sm_90 and the bfloat16
     ones for sm_80 (all of sm_80: `python kernel_bench.py --compile`, `python attention.py`; kept out of the suite for
@@ -1793,9 +1883,10 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
     In a child process: this one runs Triton's interpreter, which cannot compile."""
     import subprocess
     import sys
-    code = ("import itertools, json, torch, attention, kernels\n"
+    code = ("import itertools, json, torch, attention, kernels, kernels_train\n"
             "print(json.dumps([(label, str(dtype), arch, kernels.compile_for(k, dtype, c, arch))\n"
             "    for label, dtype, k, c in itertools.chain(kernels.kernel_variants(),\n"
+            "                                              kernels_train.kernel_variants(),\n"
             "                                              attention.kernel_variants())\n"
             "    for arch in ((90, 80) if dtype == torch.bfloat16 else (90,))]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -1803,8 +1894,11 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
                          cwd=os.path.dirname(os.path.abspath(kernels.__file__)))
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = json.loads(run.stdout.splitlines()[-1])
-    assert len(compiled) == 3 * 4 * 2 + 3 * 4 + 12     # (shrink, expand) x (rows on one page, over
-    # several) x 2 shapes, 4 head dims: each dtype on sm_90, bfloat16 also on sm_80
+    assert len(compiled) == 5 * 4 * 2 + 3 * 4 + 20 + 3   # (shrink, expand) x (rows on one page,
+    # over several) x 2 shapes for float rows of 3 dtypes and int8 rows beside float32 and
+    # bfloat16 activations, 4 head dims, training's segment outer product of 2 dtypes: each on
+    # sm_90, the bfloat16 ones also on sm_80
+    assert sum("int8 rows" in label for label, *_ in compiled) == 8 + 16
     for label, dtype, arch, (regs, spilled, shared) in compiled:
         assert 0 < regs <= 255 and spilled == 0, (label, dtype, arch, regs, spilled)
         assert shared <= 99 * 1024, (label, dtype, arch, shared)   # fits every sm_80+ GPU
@@ -1975,6 +2069,41 @@ def test_all_linear_adapter_takes_pages_by_row_width_and_they_hold_its_rows(tmp_
         pool.register(HostAdapter.from_peft("m2", LoRAConfig(r=r, targets=tuple(widths)), bad, L, H))
     with pytest.raises(AdapterError, match=r"'m3': q_proj has A of 3 rows and B of 3 columns; .* r = 4"):
         HostAdapter.from_peft("m3", LoRAConfig(r=4, targets=tuple(widths)), tensors, L, H)   # not padded
+
+
+@pytest.mark.parametrize("dtype,per_page", [("float32", 4), ("bfloat16", 2)])
+def test_int8_rows_fill_fewer_pages_and_hold_the_quantized_adapter(dtype, per_page):
+    """adapter_dtype int8: an adapter's rows are quantized as they enter the pool, k = 4 int8 rows
+    per float32 page (2 per bfloat16), so an adapter takes ceil(rows / k) pages and a pool of 16
+    pages holds k times as many; the rows read back are the host copy's quantize_rows, KV written
+    into the other pages leaves them alone, and an eviction frees exactly the adapter's pages."""
+    ads = [make_adapter(f"a{i}", 2, seed=i) for i in range(12)]          # rank 2, q and v: 8 rows
+    pools = {kind: UnifiedPool(PoolConfig(L, 16, H, G, dtype=dtype, adapter_dtype=kind))
+             for kind in ("float", "int8")}
+    for pool in pools.values():
+        for ad in ads:
+            pool.register(ad)
+    loaded = {kind: pool.prefetch([ad.name for ad in ads]) for kind, pool in pools.items()}
+    assert [len(loaded[k]) for k in ("float", "int8")] == [2, 2 * per_page]
+    pool = pools["int8"]
+    assert pool.pages_for(ads[0]) == 8 // per_page and pool.stats().adapter == 16
+    assert isinstance(pool.rows, quant.Int8Rows) and pool.rows.q.data_ptr() == pool.tensor.data_ptr()
+    gone, kept = loaded["int8"][:per_page // 2], loaded["int8"][per_page // 2:]   # 4 pages' worth
+    for name in gone:
+        pool.evict(name)
+    kv = pool.allocate_kv(0, 2 * G)                                     # 4 KV pages in their place
+    assert len(kv) == 4 and pool.stats().kv == 4 and list(pool.resident) == kept
+    pool.tensor[:, kv] = torch.randn(L, len(kv), H).to(pool.tensor.dtype)
+    for name in kept:
+        host, tables = pool.host[name], pool.kernel_tables([name])
+        for t in host.targets:
+            ids, (q, s) = tables[t].page_ids.long(), quantize_rows(host.weights[t])   # [L, 2r, H]
+            assert torch.equal(pool.rows.q[:, ids], q) and torch.equal(pool.rows.scale[:, ids], s)
+            assert set((ids // per_page).tolist()) <= set(pool.resident[name].taken)   # its own pages
+    taken = pool.resident[kept[0]].taken
+    assert not set(taken) & set(kv) and len(taken) == 8 // per_page
+    with pytest.raises(ValueError, match=r"adapter_dtype must be one of \['float', 'int8'\], got 'int4'"):
+        PoolConfig(L, 16, H, G, adapter_dtype="int4")
 
 
 def test_eviction_only_of_unused_adapters_in_lru_order():
@@ -2307,6 +2436,50 @@ def test_all_linear_adapter_in_a_mixed_batch_equals_each_request_alone_merged(se
     the base model in one batch, ffn_dim 88 not a multiple of dim 32: every mode serves each
     request as the model with its adapter merged into the weights."""
     check_mixed_batch_equals_merged(*served_mlp, MLP_SPECS, mode, mlp_llama, host_adapters)
+
+
+def record_logits(engine) -> list:
+    """The logits [R, V] of every step the engine runs, appended as they are computed."""
+    seen, run = [], engine.runner.run
+    engine.runner.run = lambda batch, slots: seen.append(run(batch, slots)) or seen[-1]
+    return seen
+
+
+def dequantized(ad: HostAdapter) -> HostAdapter:
+    """The adapter as int8 rows hold it: each pool row's quantize_rows, multiplied back."""
+    rows = {t: quantize_rows(w) for t, w in ad.weights.items()}                # [L, rows, H]
+    return dataclasses.replace(ad, weights={t: q.float() * s[..., None] for t, (q, s) in rows.items()})
+
+
+@pytest.mark.parametrize("mode", ["slora", "bmm"])
+def test_int8_adapter_rows_serve_as_float_rows_of_the_dequantized_adapters(served_mlp, mode):
+    """adapter_dtype int8 on the all-linear adapters (rows over several pages included) and the base
+    model in one batch: every request gets the tokens of the float engine serving the dequantized
+    adapters, in a quarter of the pages; the modes that do not read adapter rows from the pool
+    refuse the option by name."""
+    base, root = served_mlp
+    int8, ref, unquantized = (B.ENGINES[mode](base, None, pool_pages=400, adapter_dtype=kind)
+                              for kind in ("int8", "float", "float"))
+    for name in MLP_SPECS:
+        int8.add_adapter(name, str(root / name))
+        unquantized.add_adapter(name, str(root / name))
+        ad = HostAdapter.from_dir(name, str(root / name), base.config.n_layers, base.config.dim)
+        ref.registry.register(dequantized(ad))
+        assert int8.registry.pages[name] == -(-ad.n_pages // 4) and ref.registry.pages[name] == ad.n_pages
+    reqs = mixed_requests()
+    prompts, names = [p for p, _, _ in reqs], [n for _, n, _ in reqs]
+    logits = [record_logits(e) for e in (int8, ref, unquantized)]
+    assert int8.generate(prompts, names, 6) == ref.generate(prompts, names, 6)
+    unquantized.generate(prompts, names, 6)
+    assert len(logits[0]) == len(logits[1]) == len(logits[2]) > 5
+    for got, want in zip(logits[0], logits[1]):              # step by step: the same batches
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert max((g - f).abs().max() for g, f in zip(logits[0], logits[2])) > 1e-4   # int8 is not float
+    for name in {n for n in names if n}:
+        assert len(int8.pool.resident[name].taken) == -(-len(ref.pool.resident[name].taken) // 4)
+    for other in ("no-unified", "merged"):
+        with pytest.raises(ValueError, match=f"adapter_dtype 'int8' is not implemented for mode {other}"):
+            B.ENGINES[other](base, None, pool_pages=400, adapter_dtype="int8")
 
 
 def test_unknown_adapter_and_oversized_prompt_fail_alone(served):
@@ -3834,6 +4007,7 @@ def test_gpu_check_runs_small_on_a_cpu_and_reports_every_part_with_numbers(tmp_p
         assert re.search(r"^\|.* \| [-+.,e\d]+ \|", part, flags=re.M), part     # a row of numbers
     assert "FAIL" not in parts[0] and "within tolerance: PASS" in parts[0]
     assert "LoRA / base GEMM time" in parts[1] and "of its throughput with 2" in parts[2]
+    assert "int8 rows" in parts[0] and "int8 rows" in parts[1] and "slora-int8 with" in parts[2]
     assert "together / one after another" in parts[4]
 
 
