@@ -22,7 +22,7 @@ cache flushed before each call (the H200's 60 MB of L2 would otherwise hold the 
 Simplified: random weights of SmolLM2-135M's exact shape unless $LORA_MODEL_PATH names the model
 file (requests run to their length without an end token, so throughput does not depend on the
 weight values); one short trace per adapter count; a part is stopped by SIGALRM.
-Demo: `python gpu_check.py` on a GPU (under 8 minutes on an H100 or H200); on a CPU,
+Demo: `python gpu_check.py` on a GPU (under 10 minutes on an H100 or H200); on a CPU,
 `TRITON_INTERPRET=1 python gpu_check.py --device cpu --small` (tiny sizes, Triton's interpreter).
 Letters: N tokens, H model dim, P pool pages, nh query heads, nkv KV heads, D head dim.
 """
@@ -165,8 +165,7 @@ def lora_pairs(cfg: kernel_bench.BenchConfig, device, dtype):
 
 
 def int8_pairs(cfg: kernel_bench.BenchConfig, device, dtype):
-    """lora_pairs with the pool's rows quantized to int8 (quant.quantize_rows): the INT8 kernels
-    against their references on the same rows."""
+    """lora_pairs on the pool's rows quantized (quant.quantize_rows): the INT8 kernels."""
     x, pool_l, _, _, plan = kernel_bench.random_step(cfg, device, dtype)
     q, scale = quantize_rows(pool_l)                              # [P, H] int8, [P] float32
     z = kernels.lora_shrink_ref(x, q, plan, scale)
@@ -240,8 +239,8 @@ def part_b(s: Sizes, device, cfg: CheckConfig, write):
              "expand (z B^T)": (lambda: kernels.lora_expand(z, pool_l, plan, H), expand_bytes),
              "shrink + expand (lora_apply)": (lambda: kernels.lora_apply(x, pool_l, plan, H),
                                               shrink_bytes + expand_bytes),
-             "shrink + expand, int8 rows": (lambda: kernels.lora_apply(x, q, plan, H, row_scale=scale),
-                                            int8_bytes),
+             "shrink + expand, int8 rows": (
+                 lambda: kernels.lora_apply(x, q, plan, H, row_scale=scale), int8_bytes),
              "base GEMM x W [N,H]x[H,H]": (lambda: x @ W, e * (2 * N * H + H * H))}
     copy = kernel_bench.copy_bandwidth(device)
     write(f"N={N} tokens, H={H}, {c.adapters} adapters of ranks {c.ranks} on shuffled pages "

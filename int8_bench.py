@@ -105,7 +105,7 @@ def capacity(model, host: HostAdapter, pool_pages: int) -> dict:
     held = {}
     for kind in ("float", "int8"):
         engine = Engine(model, None, pool_pages=pool_pages, adapter_dtype=kind)
-        names = [f"copy-{i}" for i in range(pool_pages // 2)]
+        names = [f"copy-{i}" for i in range(pool_pages)]          # more than fit
         for name in names:
             engine.registry.register(replace(host, name=name))
         held[kind] = len(engine.pool.prefetch(names))
@@ -144,4 +144,5 @@ def main(cfg: Int8BenchConfig):
 
 
 if __name__ == "__main__":
-    main(cli.parse([Int8BenchConfig], "int8 adapter pages against float ones on a real adapter.")[0])
+    main(cli.parse([Int8BenchConfig], "int8 adapter pages against float ones on a real "
+                                      "adapter.")[0])

@@ -114,7 +114,8 @@ def pack(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], dtype) -> tuple
         b_start.append(off + r)
         ranks.append(r)
         off += 2 * r
-    ints = [torch.tensor(v, dtype=torch.int32, device=rows.device) for v in (a_start, b_start, ranks)]
+    ints = [torch.tensor(v, dtype=torch.int32, device=rows.device)
+            for v in (a_start, b_start, ranks)]
     return (rows, *ints)
 
 
@@ -138,7 +139,8 @@ class SegmentLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, z, rows, ids, a_start, b_start, ranks, scales, seg_starts, seg_adapter = ctx.saved_tensors
+        (x, z, rows, ids, a_start, b_start, ranks, scales, seg_starts,
+         seg_adapter) = ctx.saved_tensors
         dy, use = dy.contiguous(), ctx.use_triton
         swapped = kernels.plan_lora(rows, ids, b_start, a_start, ranks, torch.ones_like(scales),
                                     seg_starts, seg_adapter, z.shape[1])

@@ -384,7 +384,8 @@ def validation_loss(multi: MultiLoRA, name: str, batch_size: int) -> float:
 # ------------------------------------------------------------------ the loop, checkpoints
 
 def train_together(net: Llama, jobs: List[Job], out_dir: Optional[str] = None,
-                   resume: Optional[str] = None, log=print, gathered: Optional[bool] = None) -> tuple:
+                   resume: Optional[str] = None, log=print,
+                   gathered: Optional[bool] = None) -> tuple:
     """Train every job's adapter in joint batches; validation, checkpoints (out_dir/checkpoint-N/
     <name>) and progress as trainer.train, per adapter (gathered: MultiLoRA's). (MultiLoRA,
     {name: history})."""

@@ -38,17 +38,18 @@ class FloatRows:
 
 
 class Int8Rows:
-    """Adapter rows in int8 (S-LoRA's conclusion names quantizing adapters as future work): a pool
-    row of H numbers w is kept as q = round(w / s) in [-127, 127] with one float32 s = max|w| / 127,
-    and the kernels dequantize it as they read it (w ~ q s). One scale per row of A and of B^T (a
-    row wider than a page, down's A or gate's and up's B^T, gets one per page of it), because a
-    row is what the kernels read: with one scale per tensor the largest row would set the step of
-    every other (A's rows and B's columns are of different sizes, docs/results.md); one per group
-    of 32-128 numbers (as int4 weight formats keep) would add a scale load to every tile of the
-    inner loop, for an error int8 does not need to shrink. k int8 rows fill the bytes of one page
-    (4 of a float32 one, 2 of a bfloat16 one): row k p + i is bytes i H .. i H + H - 1 of page p,
-    so a rank-r adapter takes a quarter (a half) of the pages, and any free page still serves KV
-    or adapters. The scales [L, k P] live here beside the pool (0.7% of its bytes at H = 576)."""
+    """Adapter rows in int8 (S-LoRA's conclusion names quantizing adapters as future work): a
+    pool row of H numbers w is kept as q = round(w / s) in [-127, 127] with one float32 s =
+    max|w| / 127, and the kernels dequantize it as they read it (w ~ q s). One scale per row of
+    A and of B^T (a row wider than a page, down's A or gate's and up's B^T, gets one per page of
+    it), because a row is what the kernels read: with one scale per tensor the largest row would
+    set the step of every other (the E2E adapter's rows peak between 0.016 and 0.089,
+    docs/results.md); one per group of 32-128 numbers (as int4 weight formats keep) would add a
+    scale load to every tile of the inner loop, for an error int8 does not need to shrink. k
+    int8 rows fill the bytes of one page (4 of a float32 one, 2 of a bfloat16 one): row k p + i
+    is bytes i H .. i H + H - 1 of page p, so a rank-r adapter takes a quarter (a half) of the
+    pages, and any free page still serves KV or adapters. The scales [L, k P] live here beside
+    the pool (0.7% of its bytes at H = 576)."""
 
     def __init__(self, tensor: torch.Tensor):
         L, P, H = tensor.shape

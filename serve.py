@@ -11,6 +11,7 @@ The engines (engine.py, baselines.py) compared on the same trace:
     bmm         adapters in the pool, copied every step into padded tensors for torch.bmm
     merged      one adapter merged into the weights at a time (PEFT-style)
     base        the base model alone, every request without adapter (the cost floor)
+    slora-int8  slora with int8 adapter rows (quant.py; --adapter-dtype int8 for slora or bmm)
 
 Trace (section 7.1): n = rate x duration requests, Gamma inter-arrival times with coefficient of
 variation cv, adapter popularity drawn from numpy's power distribution with exponent alpha
@@ -432,6 +433,7 @@ def _serve(engine: Engine, tok, base_id: str, s: ServerConfig, b: BenchConfig,
         while httpd.loop.fatal is None:
             time.sleep(0.2)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a repeated SIGTERM keeps the grace period
         print("shutting down: running requests get 5 s to finish", flush=True)
         server.stop_server(httpd, grace_s=5.0)
         return

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import attention  # noqa: E402
 import kernels  # noqa: E402
 import kernels_train  # noqa: E402
+import int8_bench  # noqa: E402
 import lora  # noqa: E402
 import checkpoints as C  # noqa: E402
 import tokenizer as tok_mod  # noqa: E402
@@ -2445,12 +2446,6 @@ def record_logits(engine) -> list:
     return seen
 
 
-def dequantized(ad: HostAdapter) -> HostAdapter:
-    """The adapter as int8 rows hold it: each pool row's quantize_rows, multiplied back."""
-    rows = {t: quantize_rows(w) for t, w in ad.weights.items()}                # [L, rows, H]
-    return dataclasses.replace(ad, weights={t: q.float() * s[..., None] for t, (q, s) in rows.items()})
-
-
 @pytest.mark.parametrize("mode", ["slora", "bmm"])
 def test_int8_adapter_rows_serve_as_float_rows_of_the_dequantized_adapters(served_mlp, mode):
     """adapter_dtype int8 on the all-linear adapters (rows over several pages included) and the base
@@ -2464,7 +2459,7 @@ def test_int8_adapter_rows_serve_as_float_rows_of_the_dequantized_adapters(serve
         int8.add_adapter(name, str(root / name))
         unquantized.add_adapter(name, str(root / name))
         ad = HostAdapter.from_dir(name, str(root / name), base.config.n_layers, base.config.dim)
-        ref.registry.register(dequantized(ad))
+        ref.registry.register(int8_bench.dequantized(ad))
         assert int8.registry.pages[name] == -(-ad.n_pages // 4) and ref.registry.pages[name] == ad.n_pages
     reqs = mixed_requests()
     prompts, names = [p for p, _, _ in reqs], [n for _, n, _ in reqs]
@@ -2480,6 +2475,21 @@ def test_int8_adapter_rows_serve_as_float_rows_of_the_dequantized_adapters(serve
     for other in ("no-unified", "merged"):
         with pytest.raises(ValueError, match=f"adapter_dtype 'int8' is not implemented for mode {other}"):
             B.ENGINES[other](base, None, pool_pages=400, adapter_dtype="int8")
+    with pytest.raises(ValueError, match="'int8' is not implemented under tensor parallelism"):
+        tp.ShardedMemory(base, E.EngineConfig(adapter_dtype="int8"), None)   # before any sharding
+
+
+@needs_real_model
+@pytest.mark.skipif(not os.environ.get("E2E_DATA"), reason="E2E_DATA (folder with the E2E CSV files) is not set")
+def test_int8_bench_on_the_real_model_counts_pages_and_scores_both_ways(real, tmp_path, capsys):
+    """int8_bench.main on SmolLM2 with a random q,v adapter and 3 test MRs: the logit gap is small
+    and not zero, a pool holds 4 times as many int8 copies, both engines score the MRs."""
+    write_adapters(real[0], {"a": (2, ("q_proj", "v_proj"))}, tmp_path)
+    gap, held, scores = int8_bench.main(int8_bench.Int8BenchConfig(
+        adapter=str(tmp_path / "a"), base=REAL_MODEL, limit=3, max_new_tokens=4, pool_pages=80))
+    assert 0 < gap["max_logit_diff"] < 1 and gap["positions"] > 30
+    assert held == {"float": 10, "int8": 40}                   # 8 pages float32, 2 int8
+    assert set(scores) == {"float", "int8"} and "BLEU int8 - float" in capsys.readouterr().out
 
 
 def test_unknown_adapter_and_oversized_prompt_fail_alone(served):

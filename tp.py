@@ -214,10 +214,9 @@ class ShardedMemory(PoolMemory):
     """The unified pool of one device: each adapter's pages hold this device's share of it."""
 
     def __init__(self, model: Llama, cfg, shard: Shard):
-        if cfg.adapter_dtype != "float":
-            raise ValueError(f"adapter_dtype {cfg.adapter_dtype!r} is not implemented under tensor "
-                             "parallelism (each device would scale its share of a row on its own); "
-                             "serve int8 adapter rows on one device")
+        if cfg.adapter_dtype != "float":   # each device would scale its share of a row alone
+            raise ValueError(f"adapter_dtype {cfg.adapter_dtype!r} is not implemented under "
+                             "tensor parallelism; serve int8 adapter rows on one device")
         self.shard = shard
         super().__init__(model, cfg)
 
