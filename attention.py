@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import (FLOATS, INTS, TRITON_TYPES, check_ranges, check_tensor, output_buffer,
-                     print_compiled, want_triton)
+from gpu_compile import TRITON_TYPES, print_compiled
+from kernels import FLOATS, INTS, check_ranges, check_tensor, output_buffer, want_triton
 
 KEYS_TILE = 32               # BLOCK_N: cached positions per step of attention's online softmax
 GROUP_TILE = 16              # BLOCK_G: query heads sharing a KV head (GQA groups up to 16)

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 import cli
+import gpu_compile
 import kernels
 import kernels_train
 
@@ -149,7 +150,7 @@ if __name__ == "__main__":
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.compile:
-        kernels.print_compiled(itertools.chain(kernels.kernel_variants(),
+        gpu_compile.print_compiled(itertools.chain(kernels.kernel_variants(),
                                                kernels_train.kernel_variants()))
     else:
         benchmark(cfg)

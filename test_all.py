@@ -1884,8 +1884,8 @@ def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
     In a child process: this one runs Triton's interpreter, which cannot compile."""
     import subprocess
     import sys
-    code = ("import itertools, json, torch, attention, kernels, kernels_train\n"
-            "print(json.dumps([(label, str(dtype), arch, kernels.compile_for(k, dtype, c, arch))\n"
+    code = ("import itertools, json, torch, attention, gpu_compile, kernels, kernels_train\n"
+            "print(json.dumps([(label, str(dtype), arch, gpu_compile.compile_for(k, dtype, c, arch))\n"
             "    for label, dtype, k, c in itertools.chain(kernels.kernel_variants(),\n"
             "                                              kernels_train.kernel_variants(),\n"
             "                                              attention.kernel_variants())\n"
