@@ -368,14 +368,16 @@ def lora_expand(z, pool_l, plan: LoRAPlan, out_dim, *, row_scale=None, dtype=Non
 def lora_apply(x, pool_l, plan: LoRAPlan, out_dim, use_triton: Optional[bool] = None,
                row_scale=None):
     """delta [N, O] = scales[s] (x A_s^T) B_s^T for x [N, I] of one layer, in x's dtype: shrink
-    then expand on a GPU; on a CPU lora_runs over views of the pool rows (dequantized copies of
-    int8 rows)."""
+    then expand on a GPU; on a CPU lora_runs over views of the pool rows (int8 rows: their
+    scales folded into z, lora_runs_int8, or dequantized copies where rows span pages)."""
     if want_triton(use_triton, x):
         z = lora_shrink(x, pool_l, plan, row_scale=row_scale, use_triton=True)
         return lora_expand(z, pool_l, plan, out_dim, row_scale=row_scale, dtype=x.dtype,
                            use_triton=True)
     _check_x(x, pool_l, plan, row_scale, out_dim)
     I = x.shape[1]
+    if row_scale is not None and plan.a_chunks == plan.b_chunks == 1 and plan.runs:
+        return lora_runs_int8(x, pool_l, row_scale, plan, out_dim)
     runs = [(t0, t1, page_rows(pool_l, a, plan.a_chunks, I, row_scale),
              page_rows(pool_l, b, plan.b_chunks, out_dim, row_scale), scale)
             for t0, t1, a, b, scale in plan.runs]
@@ -392,6 +394,19 @@ def lora_runs(x, runs, out_dim):
     delta = torch.zeros(x.shape[0], out_dim, dtype=torch.float32, device=x.device)
     for t0, t1, A, Bt, scale in runs:
         delta[t0:t1].addmm_(x32[t0:t1] @ A.float().T, Bt.float(), alpha=scale)  # [T, r] @ [r, O]
+    return delta.to(x.dtype)
+
+
+def lora_runs_int8(x, pool_l, row_scale, plan: LoRAPlan, out_dim):
+    """lora_runs on int8 rows of one page each (C_A = C_B = 1): A = diag(s_A) A_q and B^T =
+    diag(s_B) B_q, so scale (x A^T) B^T = ((x A_q^T) * scale s_A s_B) B_q, the row scales applied
+    to z [T, r] instead of to every number of the rows."""
+    x32, I = x.float(), x.shape[1]
+    delta = torch.zeros(x.shape[0], out_dim, dtype=torch.float32, device=x.device)
+    for t0, t1, a, b, scale in plan.runs:
+        z = x32[t0:t1] @ pool_l[a, :I].float().T                                # [T, r]
+        z *= row_scale[a] * row_scale[b] * scale                                 # [r]
+        delta[t0:t1].addmm_(z, pool_l[b, :out_dim].float())                     # [T, r] @ [r, O]
     return delta.to(x.dtype)
 
 
