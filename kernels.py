@@ -53,14 +53,14 @@ C_B of B^T), G segments, T tokens of one segment, nh query heads, nkv KV heads, 
 One interface for every caller: plan_lora checks a step's adapter tables and segments once (one
 host sync) and returns a LoRAPlan; then per layer lora_apply = lora_expand(lora_shrink(x)). On a
 GPU each public function launches its Triton kernel `_name_kernel`; on a CPU it runs `name_ref`
-(same arguments), the reference: a plain PyTorch loop over segments (neighbours of one adapter
-joined, two small matrix products each on views of the pool rows), because Triton compiles for
-GPUs only and its interpreter, a Python step per program, is for tests: use_triton=True runs the
-kernel there (TRITON_INTERPRET=1 set before triton is imported, as the tests do).
+(same arguments), the reference: a plain PyTorch loop over runs of one adapter's tokens, two small
+products each on views of the pool rows (Triton compiles for GPUs only; use_triton=True runs the
+kernel in its interpreter, for tests: TRITON_INTERPRET=1 set before triton is imported).
 Simplified: tiles are multiplied in float32 (no tensor cores), cheap as r << H.
 Demo: `python kernel_bench.py --small` times these kernels against the padded-bmm baseline, and
 `python kernel_bench.py --compile` compiles every variant for sm_80 and sm_90 (no GPU needed).
 """
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -250,6 +250,7 @@ class LoRAPlan:
     n_tokens: int              # N
     a_chunks: int = 1          # C_A, pages per row of A (1: q, k, v, o, gate, up)
     b_chunks: int = 1          # C_B, pages per row of B^T (1: q, k, v, o, down)
+    int8_index: Optional[tuple] = None   # lora_runs_int8's, made by its first layer
 
 
 def segment_starts(lengths):
@@ -399,15 +400,28 @@ def lora_runs(x, runs, out_dim):
 
 def lora_runs_int8(x, pool_l, row_scale, plan: LoRAPlan, out_dim):
     """lora_runs on int8 rows of one page each (C_A = C_B = 1): A = diag(s_A) A_q and B^T =
-    diag(s_B) B_q, so scale (x A^T) B^T = ((x A_q^T) * scale s_A s_B) B_q, the row scales applied
-    to z [T, r] instead of to every number of the rows."""
+    diag(s_B) B_q, so scale (x A^T) B^T = ((x A_q^T) * scale s_A s_B) B_q: the row scales go to
+    z [T, r], gathered for every run at once, instead of to every number of the rows."""
+    a_ids, b_ids, run_scale, offsets = plan.int8_index or _int8_index(plan)
+    zs = row_scale[a_ids] * row_scale[b_ids] * run_scale          # [sum r]: scale s_A s_B of z
     x32, I = x.float(), x.shape[1]
     delta = torch.zeros(x.shape[0], out_dim, dtype=torch.float32, device=x.device)
-    for t0, t1, a, b, scale in plan.runs:
+    for (t0, t1, a, b, _), o in zip(plan.runs, offsets):
         z = x32[t0:t1] @ pool_l[a, :I].float().T                                # [T, r]
-        z *= row_scale[a] * row_scale[b] * scale                                 # [r]
-        delta[t0:t1].addmm_(z, pool_l[b, :out_dim].float())                     # [T, r] @ [r, O]
+        delta[t0:t1].addmm_(z.mul_(zs[o:o + z.shape[1]]), pool_l[b, :out_dim].float())
     return delta.to(x.dtype)
+
+
+def _int8_index(plan: LoRAPlan) -> tuple:
+    """Made once per plan, for every layer: all runs' rows of A, of B^T (one index [sum r] each),
+    each run's scale repeated over its rows, and the offset of each run's rows."""
+    ids = [torch.arange(r.start, r.stop) if isinstance(r, slice) else torch.tensor(r)
+           for run in plan.runs for r in run[2:4]]                   # A rows, B^T rows, A rows...
+    n, dev = [a.numel() for a in ids[0::2]], plan.scales.device      # r of each run
+    run_scale = torch.tensor([run[4] for run in plan.runs]).repeat_interleave(torch.tensor(n))
+    plan.int8_index = (torch.cat(ids[0::2]).to(dev), torch.cat(ids[1::2]).to(dev),
+                       run_scale.to(dev), [0, *itertools.accumulate(n)][:-1])
+    return plan.int8_index
 
 
 # ---------------------------------------------------------------- the padded-bmm baseline
