@@ -300,8 +300,11 @@ class Engine:
     def _postprocess(self, scheduled: ScheduledBatch, rows: List[RequestRecord], logits):
         """Sample a token for every request, finish those at their end, free what they held; a
         request whose logits are not finite fails alone (each row is one request's)."""
-        finite = torch.isfinite(logits).all(-1)                                    # [R]
-        new = self.runner.sample(torch.where(finite[:, None], logits, 0.0), rows)
+        finite = logits.sum(-1).isfinite()   # [R]: a NaN or inf in a row makes its sum one
+        if not finite.all():                 # (or finite numbers overflowed it): row by row
+            finite = torch.isfinite(logits).all(-1)
+            logits = torch.where(finite[:, None], logits, 0.0)
+        new = self.runner.sample(logits, rows)
         for rec, token, ok in zip(rows, new, finite.tolist()):
             if ok:
                 rec.tokens.append(token)

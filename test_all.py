@@ -2759,6 +2759,21 @@ def test_non_finite_logits_fail_their_request_alone(served):
     assert_nothing_held(engine)
 
 
+def test_finite_logits_whose_sum_overflows_serve_as_usual(served, monkeypatch):
+    """The engine checks a row's sum first (one cheap pass); finite logits whose sum overflows
+    (two of 3e38) are then checked number by number and still serve."""
+    base, _ = served
+    engine, forward = E.Engine(base, None, pool_pages=300), base.forward_paged
+
+    def huge(*args):
+        logits = forward(*args).clone()
+        logits[:, 5] = logits[:, 6] = 3e38                   # finite, their sum is inf
+        return logits
+    monkeypatch.setattr(base, "forward_paged", huge)
+    assert engine.generate([[1, 2, 3], [4]], [None, None], 3) == [[5, 5, 5], [5, 5, 5]]
+    assert_nothing_held(engine)
+
+
 def test_a_name_registered_again_serves_new_requests_while_running_ones_finish(served):
     base, root = served
     engine = E.Engine(base, None, pool_pages=300)
