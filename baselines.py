@@ -17,7 +17,8 @@ import torch
 
 import kernels
 from adapters import ATTENTION, HostAdapter
-from engine import Engine, PoolMemory
+from engine import Engine
+from memory import PoolMemory
 from model import Llama
 from runner import AdapterSlots, ModelRunner
 from scheduler import Request, ScheduledBatch, State

@@ -6,8 +6,9 @@ One base model serves many LoRA adapters at once. Each call of `step` is one ite
                  LoRA part y += (alpha/r) (x A^T) B^T per token comes from kernels.py reading A
                  and B^T straight from the pool's pages
     postprocess  sample, append, finish requests: free their KV pages, release their adapters
-The engine composes small parts: the scheduler, the adapter registry (adapters.py: names,
-versions, reference counts), one RequestRecord per request, validate_request, the model runner.
+The engine composes small parts: the memory (memory.py: the unified pool), the scheduler, the
+adapter registry (adapters.py: names, versions, reference counts), one RequestRecord per request
+(records.py), validate_request, the model runner (runner.py).
 The paper's baselines (baselines.py) are subclasses that override only what differs; the
 benchmark's fifth mode, base, is Engine with every request on the base model.
 
@@ -30,9 +31,10 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 import torch
 
 import cli
-from adapters import AdapterRegistry, HostAdapter
+from adapters import AdapterRegistry
 from model import Llama, SamplingParams
-from paging import PoolConfig, UnifiedPool, kv_pages
+from memory import PoolMemory
+from paging import kv_pages
 from quant import ROWS
 from records import (Failed, RequestRecord, RequestTable, is_finite, is_whole,  # noqa: F401
                      validate_request)
@@ -84,51 +86,6 @@ class EngineConfig:
                     if not ok]
         if problems:
             raise ValueError("engine options: " + "; ".join(problems))
-
-
-class PoolMemory:
-    """S-LoRA's memory (section 4): KV cache and adapter weights share one unified pool, an
-    adapter is copied into pool pages when a request of it joins the batch and stays until
-    evicted, and the adapters of the next waiting requests are loaded ahead (4.2). A baseline
-    with another memory (baselines.py) is a subclass of this class."""
-
-    def __init__(self, model: Llama, cfg: EngineConfig):
-        self.cfg, self.loads = cfg, 0                   # loads: adapter copies into the pool
-        self.kv_budget, self.adapter_budget = self.split()
-        w = model.lm_head.weight
-        self.pool = UnifiedPool(PoolConfig.for_model(model.config, self.kv_budget,
-                                                     str(w.dtype).split(".")[-1], str(w.device),
-                                                     cfg.adapter_dtype))
-
-    def split(self) -> Tuple[int, Optional[int]]:
-        """(pages of the KV cache, pages reserved for adapters): S-LoRA shares one pool (None)."""
-        return self.cfg.pool_pages, None
-
-    def store(self, adapter: HostAdapter):
-        """Keep the host copy (checked against the model's shapes)."""
-        self.pool.register(adapter)
-
-    def pages_of(self, adapter: HostAdapter) -> int:
-        """Pages the adapter takes when loaded: r ceil(I / H) + r ceil(O / H) per target
-        (paging.py); 2 r for q, k, v, o."""
-        return self.pool.pages_for(adapter)
-
-    def acquire(self, name: str):
-        self.loads += name not in self.pool.resident
-        self.pool.acquire(name)
-
-    def release(self, name: str):
-        self.pool.release(name)
-
-    def prefetch(self, names: List[str]):
-        self.loads += len(self.pool.prefetch(names))
-
-    def prefetch_for(self, waiting: List[Request]):
-        """S-LoRA 4.2: load the adapters of the next waiting requests before they join."""
-        try:
-            self.prefetch([r.adapter for r in waiting if r.adapter])
-        except Exception:   # a load that fails here fails again, with its requests, when they join
-            pass
 
 
 class Engine:

@@ -2342,7 +2342,7 @@ def test_1000_random_requests_run_to_completion_with_every_page_free():
     assert pool.stats().free == P
 
 
-# ---------------------------------------- the engine (records.py, runner.py, engine.py, baselines.py), serve.py
+# ---------------------------- the engine (records.py, memory.py, runner.py, engine.py, baselines.py), serve.py
 
 ADAPTER_SPECS = {"a": (2, ("q_proj", "v_proj")), "b": (5, ("q_proj", "k_proj", "v_proj", "o_proj")),
                  "c": (1, ("o_proj",)), "d": (8, ("k_proj",))}

@@ -61,7 +61,8 @@ import torch.nn as nn
 
 import cli
 import kernels
-from engine import Engine, PoolMemory
+from engine import Engine
+from memory import PoolMemory
 from runner import AdapterSlots, ModelRunner
 from model import Llama, ModelConfig
 from adapters import HostAdapter, pack
