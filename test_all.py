@@ -2582,6 +2582,25 @@ def test_peft_side_finds_the_pypi_kernels_package_not_ours(monkeypatch, tmp_path
                           "kernels": str(site / "kernels" / "__init__.py")}
     assert side.proc.returncode == 0
 
+
+def test_base_matmul_seconds_counts_the_time_inside_every_linear_and_removes_its_hooks():
+    """--vs-peft's ceiling: the seconds spent inside the model's nn.Linear calls (50 ms slept in
+    lm_head counts) and not outside them (50 ms slept after the forward does not); no hook stays."""
+    model = Llama(ModelConfig.tiny()).eval()
+    head = model.lm_head
+    head.forward = lambda x: (time.sleep(0.05), torch.nn.functional.linear(x, head.weight))[1]
+
+    def run():
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
+        time.sleep(0.05)
+        return None, time.perf_counter() - start
+    base, seconds = vs_peft.base_matmul_seconds(model, run)
+    assert 0.05 <= base <= seconds - 0.05
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_figure5_needs_matplotlib_and_summarises_runs_by_median_and_range(monkeypatch):
     """--figure5 without matplotlib stops before any replay, saying how to install it; the
     numbers it plots are each mode's median and range over the runs, per adapter count."""

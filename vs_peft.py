@@ -127,10 +127,35 @@ def compare(base: Optional[str], threads: int, repeat: int, e: EngineConfig):
             for side in (("engine", "peft") if k % 2 == 0 else ("peft", "engine")):
                 outputs[side], seconds = sides[side]()
                 times[side].append(seconds)
+        base_seconds, seconds = base_matmul_seconds(model, sides["engine"])
         peft.close()
     print(f"transformers {peft.ready['transformers']}, peft {peft.ready['peft']} "
           f"(in a child process; its kernels module: {peft.ready['kernels']})")
     _report_vs_peft(w, times, outputs)
+    print(f"one more engine run, every nn.Linear timed: base matmuls {base_seconds:.2f} s of "
+          f"{seconds:.2f} s ({base_seconds / seconds:.0%}); an engine spending nothing else would "
+          f"be {np.median(times['peft']) / base_seconds:.2f}x PEFT")
+
+
+def base_matmul_seconds(model: Llama, run) -> tuple:
+    """(seconds in the model's nn.Linear calls, seconds of the whole call) of one run(), each
+    Linear timed by a pair of forward hooks, removed afterwards."""
+    spent, started = [0.0], {}
+
+    def before(module, args):
+        started[module] = time.perf_counter()
+
+    def after(module, args, out):
+        spent[0] += time.perf_counter() - started[module]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [h for m in linears
+             for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        _, seconds = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return spent[0], seconds
 
 
 def _timed(fn, *args):
