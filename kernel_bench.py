@@ -6,6 +6,8 @@ copies every adapter into zero-padded tensors [S, Rm, I] and [S, Rm, O], then ru
 over the padded rank, gathering each token's adapter once more. On one random step (adapters of
 mixed ranks on shuffled pages, slot 0 the base model) this times, as medians after a warm-up:
     gathered from pages    kernels.lora_apply (the Triton kernels on a GPU, the reference on a CPU)
+                           on the rows as they are, and on the same rows in int8 (quant.py; its
+                           difference is the rounding to int8, not an error of the kernels)
     bmm                    the padding copy included, and on weights already padded
     base GEMM              x W [N, I] x [I, O], the projection the LoRA part sits beside
 and each variant's largest difference from lora_apply; on a GPU also the bytes lora_apply must
@@ -19,6 +21,8 @@ Letters: N tokens, H pool width (model dim), I input width, O output width, S ad
 Rm max rank, G segments.
 Simplified: random weights and tables; wall-clock timings (gpu_check.py times with CUDA events).
 Demo: `python kernel_bench.py --small` (a quick CPU run), `python kernel_bench.py --shape prefill`,
+`python kernel_bench.py --hidden 576 --tokens 48 --adapters 1000 --pages in-order` (a SmolLM2
+decode step's q_proj, adapters on consecutive pages as in the engine, float and int8 rows),
 `python kernel_bench.py --in-dim 1536` (rows wider than a page, as down_proj has), `python
 kernel_bench.py --compile`.
 """
@@ -33,6 +37,7 @@ import cli
 import gpu_compile
 import kernels
 import kernels_train
+from quant import quantize_rows
 
 
 @dataclass
@@ -52,6 +57,8 @@ class BenchConfig:
     repeats: int = cli.flag(5, "timed runs per variant (after a warm-up)")
     threads: int = cli.flag(1, "CPU threads for torch (1: steady timings when shared; 0: all)")
     small: bool = cli.flag(False, "H=1024, 64 tokens, 20 adapters: a quick run on a laptop CPU")
+    pages: str = cli.flag("shuffled", "shuffled: adapter rows on pages anywhere; in-order: each "
+                                      "adapter's on consecutive pages, as the pool allocates them")
     compile: bool = cli.flag(False, "compile every kernel for sm_80 and sm_90 (no GPU needed), "
                                     "print registers, spilled bytes and shared memory")
 
@@ -67,7 +74,9 @@ def random_step(cfg: BenchConfig, device, dtype):
     ca, cb = -(-I // cfg.hidden), -(-O // cfg.hidden)                      # pages per row
     a_start = torch.cumsum((ca + cb) * ranks, 0, dtype=torch.int32) - (ca + cb) * ranks
     pages = 2 * int((ca + cb) * ranks.sum())                            # A rows, then B^T rows
-    tables = [torch.randperm(pages, generator=g)[:pages // 2].int(), a_start, a_start + ca * ranks,
+    page_ids = (torch.randperm(pages, generator=g) if cfg.pages == "shuffled"
+                else torch.arange(pages))[:pages // 2].int()           # in-order: slices of the pool
+    tables = [page_ids, a_start, a_start + ca * ranks,
               ranks, 1.0 + torch.rand(cfg.adapters + 1, generator=g)]
     slots = torch.randint(1, cfg.adapters + 1, (cfg.tokens,), generator=g, dtype=torch.int32)
     if cfg.shape == "prefill":   # requests of prefill_len tokens, one adapter each: segments
@@ -114,7 +123,10 @@ def benchmark(cfg: BenchConfig):
     padded = lambda: [w[0] for w in kernels.pad_adapters(pool_l[None], plan, I, O)]  # one layer
     A, Bt = padded()                                                   # [S, Rm, I], [S, Rm, O]
     W = torch.randn(I, O, device=device).to(x.dtype) / I ** 0.5
+    q, row_scale = quantize_rows(pool_l)          # the same rows in int8, one scale each (quant.py)
     variants = {"gathered from pages (lora_apply)": lambda: kernels.lora_apply(x, pool_l, plan, O),
+                "gathered, int8 rows": lambda: kernels.lora_apply(x, q, plan, O,
+                                                                  row_scale=row_scale),
                 "bmm, padding copy included": lambda: kernels.bmm_lora(x, *padded(), slots),
                 "bmm, weights already padded": lambda: kernels.bmm_lora(x, A, Bt, slots),
                 "base GEMM x W [N,I]x[I,O]": lambda: x @ W}
@@ -144,6 +156,8 @@ if __name__ == "__main__":
     cfg, = cli.parse([BenchConfig], "Time S-LoRA's gathered LoRA against the padded-bmm baseline.")
     if cfg.shape not in ("decode", "prefill"):
         raise SystemExit(f"--shape must be decode or prefill, got {cfg.shape!r}")
+    if cfg.pages not in ("shuffled", "in-order"):
+        raise SystemExit(f"--pages must be shuffled or in-order, got {cfg.pages!r}")
     if cfg.small:
         cfg.hidden, cfg.tokens, cfg.adapters = 1024, 64, 20
     cfg.in_dim, cfg.out_dim = cfg.in_dim or cfg.hidden, cfg.out_dim or cfg.hidden

@@ -32,6 +32,7 @@ import pytest  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import attention  # noqa: E402
+import kernel_bench  # noqa: E402
 import kernels  # noqa: E402
 import kernels_train  # noqa: E402
 import int8_bench  # noqa: E402
@@ -1873,6 +1874,24 @@ def test_attention_reads_a_page_slice_whose_width_head_dim_does_not_divide():
     torch.testing.assert_close(attention.paged_attention(kv.q, pool, plan).double(),
                                dense_attention(kv, rows), atol=1e-5, rtol=1e-5)
     assert torch.isnan(wide[:, 24:]).all()                               # nothing written beyond
+
+
+def test_kernel_bench_times_every_variant_on_shuffled_and_in_order_pages(capsys):
+    """kernel_bench on a CPU: adapters on shuffled pages (lists of rows) or on consecutive ones
+    (views of the pool, as the engine's pool allocates them); lora_apply is its own reference,
+    bmm agrees with it, int8 rows differ by their rounding only."""
+    for pages in ("shuffled", "in-order"):
+        cfg = kernel_bench.BenchConfig(hidden=64, tokens=12, adapters=5, repeats=1, pages=pages)
+        cfg.in_dim = cfg.out_dim = 64
+        *_, plan = kernel_bench.random_step(cfg, torch.device("cpu"), torch.float32)
+        assert all(isinstance(run[2], slice) for run in plan.runs) == (pages == "in-order")
+        kernel_bench.benchmark(cfg)
+    diffs = [(line.split(" ms ")[0].split("  ")[1].strip(), float(line.split("max|diff| ")[1]))
+             for line in capsys.readouterr().out.splitlines() if "max|diff|" in line]
+    assert [name for name, _ in diffs].count("gathered, int8 rows") == 2
+    for name, diff in diffs:
+        assert diff == 0 if name.startswith("gathered from") else (
+            0 < diff < 0.2 if "int8" in name else diff < 1e-5), (name, diff)   # outputs ~1-2
 
 
 def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_spills():
