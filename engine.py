@@ -257,11 +257,8 @@ class Engine:
     def _postprocess(self, scheduled: ScheduledBatch, rows: List[RequestRecord], logits):
         """Sample a token for every request, finish those at their end, free what they held; a
         request whose logits are not finite fails alone (each row is one request's)."""
-        finite = logits.sum(-1).isfinite()   # [R]: a NaN or inf in a row makes its sum one
-        if not finite.all():                 # (or finite numbers overflowed it): row by row
-            finite = torch.isfinite(logits).all(-1)
-            logits = torch.where(finite[:, None], logits, 0.0)
-        new = self.runner.sample(logits, rows)
+        finite = finite_rows(logits)                                               # [R]
+        new = self.runner.sample(logits if finite.all() else logits.where(finite[:, None], 0), rows)
         for rec, token, ok in zip(rows, new, finite.tolist()):
             if ok:
                 rec.tokens.append(token)
@@ -291,6 +288,13 @@ class Engine:
             self.live.discard(req.id)
             if req.adapter is not None:
                 self.registry.release(req.adapter)
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[R] bool, True where a row of logits [R, V] has no NaN or inf: each row's sum first (one
+    pass; a NaN or inf makes it one), number by number only if a sum is not (it may overflow)."""
+    finite = logits.sum(-1).isfinite()
+    return finite if finite.all() else torch.isfinite(logits).all(-1)
 
 
 def engine_metrics(engine: Engine) -> Dict[str, Tuple[str, int]]:
