@@ -5,7 +5,8 @@ every prompt padded to the longest, each LoRA layer splitting the batch by adapt
 serves the same requests unpadded, joined and left token by token (S-LoRA, arXiv 2311.03285,
 sections 3 and 5). `python serve.py --vs-peft` times both on the real SmolLM2, the same weights
 (written by checkpoints.save_hf) and the same PEFT adapter files (written by lora.save_adapter),
-and counts how many outputs agree. PEFT runs in a child process (peft_worker.py) whose path leaves
+counts how many outputs agree, and times the engine's base matmuls in one more run (the bound
+they set on the lead). PEFT runs in a child process (peft_worker.py) whose path leaves
 out this directory, so that transformers finds the PyPI package `kernels`, not our kernels.py;
 the two sides take turns, never running at once.
 Simplified: one fixed workload (PeftWorkload); greedy, no end token.
